@@ -1,0 +1,69 @@
+"""Model families and their weights.
+
+``build_model(cfg)`` is the one entry point the trainer and evaluator use. Weights on disk are a
+``model.safetensors`` of ``state_dict_for_save(model)``: our parameter names, fp32, each tied tensor
+once; ``load_state_dict_tied`` puts them back.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pipeline.config import ModelConfig
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """A freshly initialised GPT or BERT (``cfg.vocab_size`` must be resolved)."""
+    if cfg.vocab_size is None:
+        raise ValueError("model.vocab_size must be resolved (from the tokenizer) before building")
+    if cfg.arch == "gpt":
+        from pipeline.models.gpt import GPT
+
+        return GPT(cfg)
+    if cfg.arch == "bert":
+        from pipeline.models.bert import BERT
+
+        return BERT(cfg)
+    raise ValueError(f"model.arch: unknown architecture {cfg.arch!r} (expected gpt or bert)")
+
+
+def tied_aliases(model: nn.Module) -> set[str]:
+    """Names under which an already-listed Parameter appears again (e.g. ``lm_head.weight``)."""
+    unique = {name for name, _ in model.named_parameters()}
+    return {name for name, _ in model.named_parameters(remove_duplicate=False)} - unique
+
+
+def state_dict_for_save(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` as fp32 CPU tensors, without tied aliases.
+
+    safetensors refuses two names sharing one storage, and the alias carries no information: the
+    tie is part of the architecture (``model.tie_embeddings``) and comes back when the model is built.
+    """
+    aliases = tied_aliases(model)
+    out = {}
+    for name, t in model.state_dict().items():
+        if name in aliases:
+            continue
+        t = t.detach().to("cpu")
+        out[name] = (t.float() if t.is_floating_point() else t).contiguous()
+    return out
+
+
+def load_state_dict_tied(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Load weights saved by ``state_dict_for_save`` (aliases may be present or absent).
+
+    Loading copies into the existing Parameters, so a tied pair stays one Parameter. Missing or
+    unexpected names raise one error listing them all.
+    """
+    aliases = tied_aliases(model)
+    expected = set(model.state_dict()) - aliases
+    given = set(state_dict) - aliases
+    missing, unexpected = sorted(expected - given), sorted(given - expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"weights do not fit this model: missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+            f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}; "
+            "was the checkpoint written with a different model config?"
+        )
+    model.load_state_dict({k: v for k, v in state_dict.items() if k not in aliases}, strict=False)
