@@ -13,6 +13,7 @@ from pipeline.config import ConfigError, load_config
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 EXIT_USER_ERROR = 1
 EXIT_CONFIG_ERROR = 2
+EXIT_LOCKED = 3  # another `pretrain train` holds the run directory's lease
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -30,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Ray prepares the data, DeepSpeed trains, eval jobs log to Weights & Biases.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    # the `deepspeed` launcher puts --local_rank=N before the subcommand; the rank comes from the env
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("prepare", help="read, quarantine, train a tokenizer, tokenize and write shards",
@@ -48,12 +51,44 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ranks to start on this machine when no launcher started us")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
-    p = sub.add_parser("eval", help="evaluate the newest committed checkpoint of a run",
-                       description="Scores a committed checkpoint on the validation split, writes "
-                       "eval.json beside it and logs to the run's W&B project and group.")
+    p = sub.add_parser("eval", help="evaluate committed checkpoints (the newest, or --watch: each new one)",
+                       description="Scores a committed checkpoint (loss, perplexity and token accuracy per "
+                       "split and source; BERT: masked-LM accuracy; zero-shot --tasks), writes eval.json "
+                       "beside it and logs to the run's W&B project and group. See docs/evaluation.md.")
     p.add_argument("run_dir", help="the run directory (train's run_dir)")
     p.add_argument("--checkpoint", type=int, default=None, metavar="STEP",
                    help="evaluate this step instead of the newest")
+    p.add_argument("--watch", action="store_true",
+                   help="keep polling and evaluate every new committed checkpoint exactly once; stops "
+                   "once train.max_steps is evaluated, or on SIGTERM/Ctrl-C")
+    p.add_argument("--interval-s", type=float, default=60.0, metavar="N", help="--watch: seconds between polls")
+    p.add_argument("--max-evals", type=int, default=None, metavar="N", help="--watch: stop after N evaluations")
+    p.add_argument("--until-step", type=int, default=None, metavar="STEP",
+                   help="--watch: stop once a checkpoint at or past STEP is evaluated (default: train.max_steps)")
+    p.add_argument("--tasks", nargs="+", default=[], metavar="FILE",
+                   help="zero-shot task files, jsonl: cloze or multiple choice (GPT only; e.g. tasks/*.jsonl)")
+    p.add_argument("--lm-eval", default=None, metavar="TASKS",
+                   help="also run lm-eval-harness tasks, comma-separated (needs `pip install lm-eval`)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--ray", action="store_true",
+                   help="score each checkpoint in a Ray task (embedded Ray, or RAY_ADDRESS / --ray-address)")
+    p.add_argument("--ray-address", default=None, help="--ray: join this Ray cluster")
+    p.add_argument("--ray-gpus", type=float, default=0.0, metavar="N", help="--ray: GPUs per evaluation task")
+
+    p = sub.add_parser("report", help="write a self-contained HTML + PNG report of a run (no W&B needed)",
+                       description="Loss, learning-rate and throughput curves from metrics.jsonl, eval "
+                       "metrics per checkpoint and the data manifest, as one offline HTML page with "
+                       "inline SVG plots, plus a PNG of the plots.")
+    p.add_argument("run_dir", help="the run directory")
+    p.add_argument("--out", default=None, metavar="PATH",
+                   help="the HTML file (default: RUN_DIR/report.html; the PNG goes beside it)")
+
+    p = sub.add_parser("status", help="where a run stands: checkpoint, tokens of the budget, ETA, last eval",
+                       description="Reads the run directory only (no GPU, no W&B): newest committed "
+                       "checkpoint, tokens trained of max_steps × global batch × seq_len, ETA from the "
+                       "recent tokens/s, and the newest eval record.")
+    p.add_argument("run_dir", help="the run directory")
+    p.add_argument("--json", action="store_true", help="print the status as JSON")
 
     p = sub.add_parser("export", help="write a committed checkpoint as a transformers model",
                        description="Exports model.safetensors + config.json + tokenizer.json that "
@@ -62,10 +97,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", choices=["hf"], default="hf", help="target format (default: hf)")
     p.add_argument("out_dir", help="output directory")
 
+    p = sub.add_parser(
+        "submit", help="run prepare → train → eval on a Ray cluster, Slurm or Kubernetes",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Submit the pipeline to a cluster (docs/cluster.md).\n"
+        "  ray:   a Ray job through the Jobs API of RAY_ADDRESS / --address (http://HEAD:8265); the\n"
+        "         train stage uses Ray Train across launch.nodes nodes\n"
+        "  slurm: an sbatch script rendered from launch/slurm/train.sbatch, one torchrun per node via\n"
+        "         srun, requeued on preemption\n"
+        "  k8s:   a KubeRay RayJob manifest, applied with `kubectl apply -f -`\n"
+        "--schedule CRON makes it recurring (RayCronJob or CronJob on k8s, scrontab on Slurm, a crontab\n"
+        "line for Ray); each firing resumes from the newest checkpoint and does nothing once\n"
+        "train.max_steps is reached. Relative paths in the config are made absolute: run_dir and\n"
+        "data.output_dir must be on storage that the cluster's nodes share.")
+    _add_config_args(p)
+    p.add_argument("--to", required=True, choices=["ray", "slurm", "k8s"], help="where to run")
+    p.add_argument("--nodes", type=int, default=None, metavar="N", help="nodes (default: launch.nodes)")
+    p.add_argument("--gpus-per-node", type=int, default=None, metavar="G",
+                   help="GPUs per node, one rank each (default: launch.gpus_per_node; 0: CPU nodes)")
+    p.add_argument("--stage", choices=["all", "prepare", "train", "eval"], default="all",
+                   help="run one stage instead of all three (ray, slurm)")
+    p.add_argument("--schedule", metavar="CRON", default=None,
+                   help="recurring run, five cron fields, e.g. '0 */6 * * *'")
+    p.add_argument("--dry-run", action="store_true", help="print the job / script / manifest, submit nothing")
+    p.add_argument("--wait", action="store_true",
+                   help="block until the job ends; exit 0 only if it succeeded (ray, slurm)")
+    p.add_argument("--address", default=None,
+                   help="ray: Jobs API address (default: launch.ray.address, else RAY_ADDRESS)")
+
+    p = sub.add_parser(
+        "plan", help="pre-flight checks and a memory / throughput estimate, before any GPU is allocated",
+        description="Checks the global batch against the world size, the prepared data's manifest and the "
+        "run's newest checkpoint (same model, same global batch, same data), then prints parameters, FLOPs "
+        "per token, the per-GPU memory for the ZeRO stage and precision, the tokens to train and the time "
+        "at the given MFU. Exit 0: nothing blocks the run; 1: a check failed; 2: the config is invalid.")
+    _add_config_args(p)
+    p.add_argument("--world-size", type=int, default=None, metavar="N",
+                   help="ranks in total (default: launch.nodes × launch.gpus_per_node, or "
+                   "train.nproc_per_node on CPU)")
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation to assume (default 0.4)")
+    p.add_argument("--peak-tflops", type=float, default=989.0,
+                   help="peak TFLOPs per GPU at the training precision (default 989: H100 SXM dense bf16)")
+
     p = sub.add_parser("demo", help="the whole flow on the bundled demo corpus, offline, CPU is fine",
                        description="Builds a corpus from the Python standard library's docstrings, "
                        "then runs prepare → train (2 ranks, gloo) → eval with configs/demo.yaml.")
     p.add_argument("--run-dir", default="runs/demo", help="where everything goes (default: runs/demo)")
+    p.add_argument("--config", default=str(CONFIG_DIR / "demo.yaml"),
+                   help="demo config (default: configs/demo.yaml; configs/demo-bert.yaml trains a BERT)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of configs/demo.yaml")
     return parser
@@ -80,33 +159,76 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from pipeline.launch import local
+    from pipeline.launch import local, lock
 
     overrides = list(args.overrides)
     if args.nproc_per_node is not None:
         overrides.append(f"train.nproc_per_node={args.nproc_per_node}")
     cfg = load_config(args.config, overrides)
+    lease = (cfg.run_dir, cfg.launch.lock_lease_s, cfg.launch.lock_heartbeat_s)
     if local.under_launcher():
+        # started by our own torchrun: die with it, never run on orphaned
+        if os.environ.get(lock.HELD_ENV) and not local.die_with_parent("torch.distributed.run"):
+            return EXIT_USER_ERROR
         from pipeline.train.loop import train
         import torch.distributed as dist
 
-        try:
-            train(cfg)
-        finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        with lock.rank_lock(*lease):
+            try:
+                train(cfg)
+            finally:
+                if dist.is_initialized():
+                    dist.destroy_process_group()
         return 0
     cfg.gradient_accumulation_steps(cfg.train.nproc_per_node)  # fail before any process starts
-    if cfg.train.nproc_per_node > 1:
-        return local.run_torchrun(cfg)
-    local.run_single_process(cfg)
+    spent = lock.budget_spent(cfg)  # a scheduled firing after the last step
+    if spent:
+        print(f"pretrain train: {spent}")
+        return 0
+    with lock.run_lock(*lease) as held:  # raises RunLocked while another trainer's lease is live
+        if held.took_over is not None:
+            print(f"pretrain train: took over a stale run lock of pid {held.took_over.pid} on "
+                  f"{held.took_over.host}")
+        if cfg.train.nproc_per_node > 1:
+            os.environ[lock.HELD_ENV] = held.token  # our ranks must not take it again
+            try:
+                return local.run_torchrun(cfg)
+            finally:
+                os.environ.pop(lock.HELD_ENV, None)
+        local.run_single_process(cfg)
     return 0
 
 
 def cmd_eval(args) -> int:
-    from pipeline.eval.evaluate import evaluate
+    from pipeline.eval.evaluate import EvalError, EvalOptions, evaluate
+    from pipeline.eval.watch import watch
 
-    evaluate(args.run_dir, step=args.checkpoint)
+    options = EvalOptions(tasks=tuple(args.tasks), device=args.device,
+                          lm_eval_tasks=tuple(t for t in (args.lm_eval or "").split(",") if t.strip()))
+    ray = {"use_ray": args.ray, "ray_address": args.ray_address, "ray_gpus": args.ray_gpus}
+    if not args.watch:
+        if args.max_evals is not None or args.until_step is not None:
+            raise EvalError("--max-evals and --until-step apply to --watch only")
+        evaluate(args.run_dir, step=args.checkpoint, options=options, **ray)
+        return 0
+    if args.checkpoint is not None:
+        raise EvalError("--checkpoint and --watch exclude each other (--watch evaluates every checkpoint)")
+    watch(args.run_dir, options, interval_s=args.interval_s, max_evals=args.max_evals,
+          until_step=args.until_step, **ray)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from pipeline.eval.report import write_report
+
+    write_report(args.run_dir, args.out)
+    return 0
+
+
+def cmd_status(args) -> int:
+    from pipeline.eval.status import print_status
+
+    print_status(args.run_dir, as_json=args.json)
     return 0
 
 
@@ -117,27 +239,80 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_submit(args) -> int:
+    from pipeline.launch import cluster
+
+    overrides = list(args.overrides)
+    if args.nodes is not None:
+        overrides.append(f"launch.nodes={args.nodes}")
+    if args.gpus_per_node is not None:
+        overrides.append(f"launch.gpus_per_node={args.gpus_per_node}")
+    cfg = load_config(args.config, overrides)
+    schedule = cluster.check_cron(args.schedule) if args.schedule else None
+    if args.wait and (args.to == "k8s" or schedule):
+        raise ConfigError("--wait applies to a one-off run on ray or slurm")
+    if args.to == "ray":
+        from pipeline.launch import ray_jobs
+
+        if schedule:
+            address = ray_jobs.resolve_address(args.address, cfg)
+            print("# Ray has no scheduler of its own: add this line to the crontab (crontab -e) of a machine "
+                  "that reaches the cluster;\n# each firing submits a job that resumes the run")
+            print(ray_jobs.crontab_line(schedule, args.config, overrides, address))
+            return 0
+        return ray_jobs.submit(cfg, stage=args.stage, address=args.address, dry_run=args.dry_run, wait=args.wait)
+    if args.to == "slurm":
+        from pipeline.launch import slurm
+
+        return slurm.submit(cfg, stage=args.stage, dry_run=args.dry_run, wait=args.wait, schedule=schedule)
+    from pipeline.launch import k8s
+
+    return k8s.submit(cfg, dry_run=args.dry_run, schedule=schedule)
+
+
+def cmd_plan(args) -> int:
+    from pipeline.plan import run_plan
+
+    cfg = load_config(args.config, args.overrides)
+    world = args.world_size or cfg.launch.nodes * cfg.launch.ranks_per_node(cfg.train)
+    if world < 1:
+        raise ConfigError(f"--world-size must be positive, got {world}")
+    if not 0 < args.mfu <= 1 or args.peak_tflops <= 0:
+        raise ConfigError(f"--mfu must be in (0, 1] and --peak-tflops positive, got {args.mfu}, {args.peak_tflops}")
+    return run_plan(cfg, world, args.mfu, args.peak_tflops)
+
+
 def cmd_demo(args) -> int:
     from pipeline.demo import run_demo
 
-    return run_demo(args.run_dir, args.overrides, CONFIG_DIR / "demo.yaml")
+    return run_demo(args.run_dir, args.overrides, Path(args.config))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval, "export": cmd_export,
+               "report": cmd_report, "status": cmd_status,
+               "submit": cmd_submit, "plan": cmd_plan,
                "demo": cmd_demo}[args.command]
     from pipeline.data.manifest import ManifestError
     from pipeline.data.prepare import PrepareError
     from pipeline.data.shards import ShardError
     from pipeline.eval.evaluate import EvalError
     from pipeline.train.checkpoint import CheckpointError
+    from pipeline.launch.lock import RunLocked
+    from pipeline.launch.cluster import SubmitError
 
     try:
         return handler(args)
     except ConfigError as exc:
         print(f"pretrain {args.command}: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    except RunLocked as exc:
+        print(f"pretrain {args.command}: {exc}", file=sys.stderr)
+        return EXIT_LOCKED
+    except SubmitError as exc:
+        print(f"pretrain {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
     except (ManifestError, ShardError, EvalError, CheckpointError, PrepareError) as exc:
         if os.environ.get("PRETRAIN_DEBUG"):
             raise

@@ -29,17 +29,109 @@ class Section(BaseModel):
 
 
 class SourceConfig(Section):
-    path: str = Field(description="A jsonl file (one JSON object per line).")
-    text_field: str = Field("text", description="Key of the document text in each record.")
+    """One raw corpus: a file, or a directory read file by file in sorted order."""
+
+    path: str = Field(
+        description="A file or directory: jsonl (.jsonl/.json/.ndjson, optionally .gz or .zst), parquet, "
+        "plain text, or a dataset saved with `datasets.save_to_disk`."
+    )
+    format: Literal["auto", "jsonl", "parquet", "text", "hf"] = Field(
+        "auto",
+        description="auto: from each file's suffix (.parquet → parquet, .jsonl/.json/.ndjson[.gz|.zst] → "
+        "jsonl, anything else → text); a directory holding a saved HF dataset → hf.",
+    )
+    text_field: str = Field("text", description="Key (jsonl) or column (parquet, hf) of the document text.")
+    text_unit: Literal["file", "paragraph"] = Field(
+        "file", description="text format only: one document per file, or per blank-line-separated paragraph."
+    )
+    name: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_.-]+$", description="Short unique name (None: the file's stem)."
+    )
+    weight: float = Field(
+        1.0, gt=0.0, description="Blend weight: share of training samples drawn from this source."
+    )
+
+    @property
+    def resolved_name(self) -> str:
+        if self.name:
+            return self.name
+        stem = Path(self.path).name.split(".")[0]
+        return "".join(c if c.isalnum() or c in "_.-" else "_" for c in stem) or "source"
 
 
 class TokenizerConfig(Section):
+    type: Literal["bpe", "wordpiece"] = Field(
+        "bpe", description="bpe: byte-level BPE (GPT); wordpiece: lower-cased WordPiece (BERT)."
+    )
+    path: str | None = Field(
+        None, description="Load this tokenizer.json instead of training one (e.g. an exported model's)."
+    )
     vocab_size: int = Field(8192, ge=256, le=4_294_967_295, description="Target vocabulary size.")
     min_frequency: int = Field(2, ge=1, description="BPE merges need at least this many occurrences.")
-    eod_token: str = Field("<|endoftext|>", description="Appended after every document.")
+    eod_token: str | None = Field(
+        None, description="Appended after every document (None: <|endoftext|> for bpe, [SEP] for wordpiece)."
+    )
     train_sample_docs: int | None = Field(
         None, ge=1, description="Train the tokenizer on the first N kept documents (None: all)."
     )
+    fast_encoder: bool = Field(
+        True, description="Encode byte-level BPE with tiktoken, built from this tokenizer and checked "
+        "token for token against `tokenizers` on a sample first (falls back to `tokenizers` otherwise, "
+        "and always for wordpiece). Does not change the output.",
+    )
+
+    @property
+    def eod(self) -> str:
+        return self.eod_token or ("[SEP]" if self.type == "wordpiece" else "<|endoftext|>")
+
+
+class CleanConfig(Section):
+    """Unicode normalization and quality filters; a document failing a filter goes to quarantine with
+    reason ``filter:<field name>``. Every filter is off (None) unless set; see docs/data.md."""
+
+    normalization: Literal["NFC", "NFKC", "NFD", "NFKD", "none"] = Field(
+        "NFC", description="Unicode normalization form applied to every document (none: keep as read)."
+    )
+    min_chars: int | None = Field(None, ge=1, description="Drop documents shorter than this many characters.")
+    max_chars: int | None = Field(None, ge=1, description="Drop documents longer than this many characters.")
+    min_words: int | None = Field(None, ge=1, description="Drop documents with fewer whitespace-separated words.")
+    max_symbol_word_ratio: float | None = Field(
+        None, ge=0.0, description="Drop documents whose count of '#' and ellipses ('...', '…') per word "
+        "exceeds this (Gopher uses 0.1).",
+    )
+    min_alpha_ratio: float | None = Field(
+        None, ge=0.0, le=1.0, description="Drop documents whose letters are less than this share of their "
+        "non-whitespace characters.",
+    )
+    max_repeated_line_ratio: float | None = Field(
+        None, ge=0.0, le=1.0, description="Drop documents where more than this share of the non-blank "
+        "lines repeat an earlier line (Gopher uses 0.3).",
+    )
+
+
+class DedupConfig(Section):
+    """Duplicate removal across all sources; the first occurrence (source order, then position) stays."""
+
+    exact: bool = Field(False, description="Remove documents whose normalized text is identical to an earlier one.")
+    near: bool = Field(False, description="Remove near-duplicates: MinHash over word n-grams, LSH candidates, "
+                       "then an estimated Jaccard similarity check.")
+    threshold: float = Field(
+        0.8, gt=0.0, lt=1.0, description="near: estimated Jaccard similarity of word n-gram sets at or above "
+        "which a document is a duplicate.",
+    )
+    ngram_size: int = Field(5, ge=1, description="near: words per shingle (n-gram).")
+    num_perm: int = Field(128, ge=8, le=1024, description="near: MinHash permutations (signature length).")
+    bands: int | None = Field(
+        None, ge=1, description="near: LSH bands (rows per band = num_perm // bands); None: chosen so the "
+        "LSH threshold sits at `threshold`.",
+    )
+    seed: int = Field(1, ge=0, description="near: seed of the MinHash permutations.")
+
+    @model_validator(mode="after")
+    def _bands_fit(self) -> DedupConfig:
+        if self.bands is not None and self.bands > self.num_perm:
+            raise ValueError(f"dedup.bands ({self.bands}) cannot exceed dedup.num_perm ({self.num_perm})")
+        return self
 
 
 class DataConfig(Section):
@@ -48,8 +140,25 @@ class DataConfig(Section):
     validation_fraction: float = Field(
         0.05, gt=0.0, lt=0.5, description="Share of documents routed to the validation split."
     )
+    clean: CleanConfig = Field(default_factory=CleanConfig)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
-    num_cpus: int | None = Field(None, ge=1, description="CPUs for the embedded Ray runtime.")
+    shard_max_tokens: int = Field(
+        50_000_000, ge=1024, description="Start a new .bin/.idx shard after this many tokens."
+    )
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for the embedded Ray runtime (None: all).")
+    block_bytes: int = Field(
+        1 << 20, ge=4096, description="Target size of a Ray Data block of text; smaller blocks spread one "
+        "large file over more workers. Does not change the output.",
+    )
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> DataConfig:
+        names = [s.resolved_name for s in self.sources]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"source names must be unique, {dupes} repeat (set `name:` on each)")
+        return self
 
 
 class ModelConfig(Section):
@@ -83,6 +192,11 @@ class ModelConfig(Section):
     layer_norm_eps: float = Field(1e-5, gt=0.0, description="LayerNorm epsilon (GPT-2 1e-5, BERT 1e-12).")
     init_std: float = Field(0.02, gt=0.0, description="Std of the normal weight init (HF initializer_range).")
     tie_embeddings: bool = Field(True, description="Share the token embedding with the output projection.")
+    init_from: str | None = Field(
+        None, description="Start training from these weights: a transformers GPT-2/BERT directory "
+        "(safetensors), e.g. one written by `pretrain export`. Shapes must match this config; the "
+        "vocabulary may differ only by padding rows.",
+    )
     activation_checkpointing: bool = Field(
         False,
         description="Recompute each block's activations in the backward pass (less memory, ~1/3 more "
@@ -110,34 +224,113 @@ class ModelConfig(Section):
 
 
 class OptimConfig(Section):
+    """AdamW and the learning-rate schedule (a pure function of the step: train/schedule.py)."""
+
     lr: float = Field(6e-4, gt=0.0, description="Peak learning rate.")
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Final LR as a share of the peak.")
-    warmup_steps: int = Field(10, ge=0)
-    weight_decay: float = Field(0.1, ge=0.0)
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = Field(1e-8, gt=0.0)
+    warmup_steps: int = Field(10, ge=0, description="Steps of linear warmup from lr/warmup_steps to lr.")
+    schedule: Literal["cosine", "linear", "wsd"] = Field(
+        "cosine",
+        description="After warmup: cosine or linear decay to min_lr_ratio at train.max_steps; wsd "
+        "(warmup-stable-decay): hold the peak, then decay linearly to min_lr_ratio over the last "
+        "wsd_decay_fraction of train.max_steps.",
+    )
+    wsd_decay_fraction: float = Field(
+        0.2, gt=0.0, le=1.0, description="wsd only: share of train.max_steps spent in the final decay."
+    )
+    weight_decay: float = Field(0.1, ge=0.0, description="Decoupled weight decay on matrices (not on biases and norms).")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="Adam beta1, beta2.")
+    eps: float = Field(1e-8, gt=0.0, description="Adam epsilon.")
     grad_clip: float = Field(1.0, ge=0.0, description="Max global grad norm (0: no clipping).")
 
 
 class TrainConfig(Section):
+    """The training run: batch geometry, length, DeepSpeed/ZeRO, guards and metrics."""
+
     seq_len: int = Field(128, ge=8, description="Tokens per training sample.")
-    micro_batch_size_per_gpu: int = Field(8, ge=1)
-    global_batch_size: int = Field(16, ge=1, description="Samples per optimizer step, all ranks.")
-    max_steps: int = Field(100, ge=1)
-    zero_stage: int = Field(1, ge=0, le=3, description="DeepSpeed ZeRO stage.")
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    seed: int = 1234
+    micro_batch_size_per_gpu: int = Field(8, ge=1, description="Samples per forward/backward on one rank.")
+    global_batch_size: int = Field(
+        16, ge=1, description="Samples per optimizer step, all ranks; gradient accumulation makes up the "
+        "difference to micro_batch_size_per_gpu × world size. Keep it fixed across resumes.",
+    )
+    max_steps: int = Field(100, ge=1, description="Optimizer steps of the whole run; the LR schedule spans them.")
+    stop_at_step: int | None = Field(
+        None, ge=1, description="Stop after this step with a committed checkpoint, although the schedule "
+        "runs to max_steps (fixed-length jobs on a time-limited allocation; None: run to max_steps).",
+    )
+    zero_stage: int = Field(1, ge=0, le=3, description="DeepSpeed ZeRO stage (0: plain data parallel).")
+    offload_optimizer: bool = Field(
+        False, description="ZeRO ≥ 1: keep optimizer states and the step on the CPU (ZeRO-Offload). The "
+        "optimizer then comes from DeepSpeed's config block: DeepSpeedCPUAdam on GPU machines (its C++ op "
+        "must build), torch AdamW where there is no CUDA.",
+    )
+    offload_params: bool = Field(
+        False, description="ZeRO-3 only: keep the parameter partitions on the CPU as well (ZeRO-Infinity, CPU)."
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="bf16: fp32 master weights, bf16 autocast compute. fp16: DeepSpeed's fp16 "
+        "with dynamic loss scaling (overflowing steps are skipped and counted; needs a GPU).",
+    )
+    compile: bool = Field(False, description="torch.compile the model through DeepSpeed's engine.compile().")
+    seed: int = Field(1234, description="Initial weights, sample order and MLM masking derive from it.")
     nproc_per_node: int = Field(
         1, ge=1, description="Processes `pretrain train` starts itself when no launcher did."
     )
     backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl on GPU, else gloo.")
-    log_interval_steps: int = Field(10, ge=1)
+    log_interval_steps: int = Field(10, ge=1, description="Metrics to W&B, metrics.jsonl and the console every N steps.")
     dist_timeout_s: int = Field(600, ge=10, description="Collective timeout before a rank gives up.")
+    max_consecutive_skips: int = Field(
+        20, ge=1, description="Stop (exit code 4, last committed checkpoint untouched) after this many "
+        "optimizer steps in a row were skipped: non-finite loss or gradient, fp16 overflow, loss spike.",
+    )
+    spike_action: Literal["off", "log", "skip", "rollback"] = Field(
+        "log", description="On a loss spike: log it; skip the update (the batch counts as seen); or roll "
+        "back to the newest committed checkpoint and never train on the spiking batches (recorded as "
+        "skipped_batches in trainer_state.json, so resumes stay exact).",
+    )
+    spike_window_steps: int = Field(
+        50, ge=2, description="Loss spikes are judged against the last N applied steps (none before N are seen)."
+    )
+    spike_zscore: float = Field(
+        6.0, gt=0.0, description="A step loss more than this many standard deviations above the window mean is a spike."
+    )
+    spike_skip_batches: int = Field(
+        1, ge=1, description="rollback: global batches skipped from the spiking one on."
+    )
+    peak_tflops_per_device: float | None = Field(
+        None, gt=0.0, description="Dense peak TFLOP/s of one device at the training precision, for MFU "
+        "(None: looked up for known GPUs, e.g. 989 for an H100 in bf16; on CPU MFU is not reported).",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        if self.offload_optimizer and self.zero_stage < 1:
+            raise ValueError("train.offload_optimizer needs train.zero_stage ≥ 1")
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("train.offload_params needs train.zero_stage = 3")
+        if self.stop_at_step is not None and self.stop_at_step > self.max_steps:
+            raise ValueError(f"train.stop_at_step ({self.stop_at_step}) is past train.max_steps ({self.max_steps})")
+        return self
 
 
 class CheckpointConfig(Section):
-    save_interval_steps: int = Field(50, ge=1)
+    """When checkpoints are written, which are kept, and how preemption saves one."""
+
+    save_interval_steps: int | None = Field(
+        50, ge=1, description="Save every N steps (None: only by save_interval_minutes, preemption and the end)."
+    )
+    save_interval_minutes: float | None = Field(
+        None, gt=0.0, description="Also save when this many minutes passed since the last save (rank 0's clock)."
+    )
     keep_last: int = Field(3, ge=1, description="Committed checkpoints kept; older ones are deleted.")
+    keep_every_steps: int | None = Field(
+        None, ge=1, description="Also keep, forever, every checkpoint whose step is a multiple of this."
+    )
+    preempt_grace_s: float = Field(
+        60.0, gt=0.0, description="After SIGTERM or SIGUSR1: finish the step, save, commit and exit 0 within "
+        "this many seconds, or exit 143 without a checkpoint. Keep it below the scheduler's notice "
+        "(Slurm --signal lead, Kubernetes terminationGracePeriodSeconds).",
+    )
 
 
 class EvalConfig(Section):
@@ -153,6 +346,88 @@ class TrackingConfig(Section):
     )
 
 
+class RayLaunchConfig(Section):
+    """`pretrain submit --to ray`: the Ray Jobs API of a running cluster."""
+
+    address: str | None = Field(
+        None, description="Jobs API address, e.g. http://head:8265 (None: RAY_ADDRESS, or --address)."
+    )
+    code: Literal["working_dir", "shared"] = Field(
+        "working_dir",
+        description="working_dir: upload pipeline/ + configs/ + the resolved config with the job (the "
+        "cluster's image provides the Python packages). shared: the cluster sees this checkout at the "
+        "same path (NFS, docker/compose.yaml); nothing is uploaded.",
+    )
+    python: str = Field("python", description="Python executable on the cluster (with this package's dependencies).")
+
+
+class SlurmLaunchConfig(Section):
+    """`pretrain submit --to slurm`: an sbatch script rendered from a template in launch/slurm/."""
+
+    template: str = Field("launch/slurm/train.sbatch", description="sbatch template, relative to the project root.")
+    partition: str | None = Field(None, description="#SBATCH --partition (None: the cluster's default).")
+    account: str | None = Field(None, description="#SBATCH --account (None: your default account).")
+    time_limit: str = Field("24:00:00", pattern=r"^[0-9:-]+$", description="#SBATCH --time, e.g. 2-00:00:00.")
+    cpus_per_task: int = Field(8, ge=1, description="CPUs per node for the launcher and its ranks.")
+    signal_lead_s: int = Field(
+        120, ge=10, description="Slurm sends USR1 this long before the time limit; the job then requeues."
+    )
+    python: str = Field("python", description="Python executable on the compute nodes.")
+
+
+class K8sLaunchConfig(Section):
+    """`pretrain submit --to k8s`: a KubeRay RayJob (RayCronJob or CronJob with --schedule)."""
+
+    namespace: str = Field("default", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    image: str = Field("pretrain-pipeline:cuda", description="Cluster image built from docker/Dockerfile.cuda.")
+    ray_version: str = Field("2.60.0", description="Ray version inside the image (KubeRay's rayVersion).")
+    storage_claim: str | None = Field(
+        None, description="PersistentVolumeClaim mounted at mount_path on every pod (run_dir and data live there)."
+    )
+    mount_path: str = Field("/mnt/shared", description="Where storage_claim is mounted.")
+    cpus_per_node: int = Field(8, ge=1, description="CPU request of each Ray pod.")
+    memory_per_node: str = Field("64Gi", description="Memory request and limit of each Ray pod.")
+    schedule_kind: Literal["RayCronJob", "CronJob"] = Field(
+        "RayCronJob",
+        description="--schedule renders a KubeRay RayCronJob (needs the operator's RayCronJob feature "
+        "gate), or a batch/v1 CronJob whose pod runs `pretrain submit --to ray --wait` against "
+        "launch.ray.address (a standing RayCluster).",
+    )
+
+
+class LaunchConfig(Section):
+    """Cluster submission (`pretrain submit`) and the run-directory lock of `pretrain train`."""
+
+    nodes: int = Field(1, ge=1, description="Nodes of a cluster job (--nodes overrides).")
+    gpus_per_node: int = Field(
+        0, ge=0, description="GPUs per node (--gpus-per-node overrides); 0: CPU nodes running "
+        "train.nproc_per_node ranks each.",
+    )
+    rdzv_port: int = Field(29500, ge=1024, le=65535, description="torchrun rendezvous port on the first node.")
+    lock_lease_s: float = Field(
+        120.0, gt=0, description="A run-directory lock not renewed for this long is taken over."
+    )
+    lock_heartbeat_s: float = Field(
+        20.0, gt=0, description="How often the holder renews its lease; at most half of lock_lease_s."
+    )
+    ray: RayLaunchConfig = Field(default_factory=RayLaunchConfig)
+    slurm: SlurmLaunchConfig = Field(default_factory=SlurmLaunchConfig)
+    k8s: K8sLaunchConfig = Field(default_factory=K8sLaunchConfig)
+
+    @model_validator(mode="after")
+    def _heartbeat_within_lease(self) -> LaunchConfig:
+        if self.lock_heartbeat_s * 2 > self.lock_lease_s:
+            raise ValueError(
+                f"launch.lock_heartbeat_s ({self.lock_heartbeat_s}) must be at most half of "
+                f"launch.lock_lease_s ({self.lock_lease_s}), so one missed renewal does not lose the lease"
+            )
+        return self
+
+    def ranks_per_node(self, train: TrainConfig) -> int:
+        """One rank per GPU; on CPU nodes train.nproc_per_node."""
+        return self.gpus_per_node or train.nproc_per_node
+
+
 class PipelineConfig(Section):
     run_dir: str = Field("runs/default", description="Checkpoints, metrics and W&B files go here.")
     run_name: str | None = Field(None, description="None: the run directory's name.")
@@ -163,9 +438,15 @@ class PipelineConfig(Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> PipelineConfig:
+        if self.model.arch == "bert" and self.data.tokenizer.type != "wordpiece" and not self.data.tokenizer.path:
+            raise ValueError(
+                "model.arch is bert but data.tokenizer.type is bpe: BERT needs [CLS]/[SEP]/[MASK]; "
+                "set data.tokenizer.type: wordpiece"
+            )
         if self.train.seq_len > self.model.max_seq_len:
             raise ValueError(
                 f"train.seq_len ({self.train.seq_len}) exceeds model.max_seq_len "

@@ -12,6 +12,7 @@ def run_demo(run_dir: str, overrides: list[str], config_path: Path) -> int:
     from pipeline.data.demo_corpus import write_demo_corpus
     from pipeline.data.prepare import prepare
     from pipeline.eval.evaluate import evaluate
+    from pipeline.eval.report import write_report
     from pipeline.launch import local
 
     run = Path(run_dir)
@@ -33,6 +34,7 @@ def run_demo(run_dir: str, overrides: list[str], config_path: Path) -> int:
         print(f"demo: training failed with exit code {code}")
         return code
     result = evaluate(cfg.run_dir)
+    report = write_report(cfg.run_dir)
 
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     first = next(m["val/loss"] for m in metrics if m["step"] == 0 and "val/loss" in m)
@@ -47,5 +49,6 @@ def run_demo(run_dir: str, overrides: list[str], config_path: Path) -> int:
         f"  metrics:      {run / 'metrics.jsonl'}",
         f"  W&B runs:     {', '.join(wandb_dirs) or 'disabled'}",
         f"                (offline unless WANDB_API_KEY is set; upload with `wandb sync DIR`)",
+        f"  report:       {report} (and {report.with_suffix('.png').name}; open it in a browser, offline)",
     ]))
     return 0

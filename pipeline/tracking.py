@@ -9,12 +9,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
 from pipeline.config import PipelineConfig
 
-_SECRET_MARKERS = ("key", "token", "secret", "password")
+# A name is secret-like when one of its words (split at _ - . and spaces) is one of these: so
+# WANDB_API_KEY and hf_token are, while data.tokenizer and warmup_tokens are not.
+_SECRET_WORDS = frozenset({"key", "apikey", "token", "secret", "password", "passwd", "credential", "credentials"})
+REDACTED = "<redacted>"
+
+
+def is_secret_name(name: str) -> bool:
+    return any(word in _SECRET_WORDS for word in re.split(r"[^a-z0-9]+", name.lower()))
 
 
 def resolve_mode(mode: str) -> str:
@@ -25,12 +33,23 @@ def resolve_mode(mode: str) -> str:
     return "online" if os.environ.get("WANDB_API_KEY") else "offline"
 
 
+def _secret_values() -> list[str]:
+    """Values of environment variables named like secrets (WANDB_API_KEY, HF_TOKEN, ...)."""
+    return [v for k, v in os.environ.items() if is_secret_name(k) and len(v) >= 16]
+
+
 def public_config(cfg: PipelineConfig) -> dict:
-    """The resolved config for W&B, with anything that looks like a secret removed."""
+    """The resolved config for W&B: keys that look like secrets dropped, and any value that contains
+    a secret from the environment (e.g. the W&B API key pasted into a field) redacted."""
+    secrets = _secret_values()
 
     def scrub(node):
         if isinstance(node, dict):
-            return {k: scrub(v) for k, v in node.items() if not any(m in k.lower() for m in _SECRET_MARKERS)}
+            return {k: scrub(v) for k, v in node.items() if not is_secret_name(k)}
+        if isinstance(node, list):
+            return [scrub(v) for v in node]
+        if isinstance(node, str) and any(s in node for s in secrets):
+            return REDACTED
         return node
 
     return scrub(cfg.model_dump(mode="json"))
@@ -40,7 +59,7 @@ class NullTracker:
     run_id: str | None = None
     run_dir: str | None = None
 
-    def log(self, metrics: dict, step: int) -> None:
+    def log(self, metrics: dict, step: int, tables: dict | None = None) -> None:
         pass
 
     def close(self) -> None:
@@ -90,16 +109,24 @@ class Tracker:
         self.run_id = self._wandb.id
         self.run_dir = self._wandb.dir
 
-    def log(self, metrics: dict, step: int) -> None:
+    def log(self, metrics: dict, step: int, tables: dict[str, tuple[list, list[list]]] | None = None) -> None:
+        """Scalars to metrics.jsonl and W&B; ``tables`` ({key: (columns, rows)}) to W&B only, as a
+        wandb.Table logged whole each time (W&B keeps every version; the newest is the complete one)."""
         record = {"step": step, "time": round(time.time(), 3), **metrics}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._wandb is None:
             return
+        payload = dict(metrics)
+        if tables:
+            import wandb
+
+            payload.update({key: wandb.Table(columns=list(cols), data=[list(r) for r in rows])
+                            for key, (cols, rows) in tables.items()})
         if self.step_metric:  # e.g. eval: plotted against the checkpoint's training step
-            self._wandb.log({self.step_metric: step, **metrics})
+            self._wandb.log({self.step_metric: step, **payload})
         else:
-            self._wandb.log(metrics, step=step)
+            self._wandb.log(payload, step=step)
 
     def close(self) -> None:
         self._file.close()

@@ -1,73 +1,232 @@
-"""Deterministic, resumable sampling over a prepared split.
+"""Deterministic, resumable, blended sampling over a prepared split.
 
-The order of samples is a pure function of (seed, epoch, global sample index), and which samples a
-rank reads for a step is a pure function of ``consumed_samples``. A run resumed on another number
-of ranks with the same global batch therefore continues exactly where it stopped.
+Everything a rank reads is a pure function of (seed, global sample position):
 
-GPT samples are windows of ``seq_len + 1`` tokens cut from the split's token stream (documents
-joined by their end-of-document token): sample i covers tokens [i·seq_len, i·seq_len + seq_len].
+- ``rank_positions``: which global positions a rank reads for a micro-step, from ``consumed_samples``;
+- ``blend``: which source a position draws from (exact proportions per block of positions) and the
+  how-many-th draw from that source it is;
+- ``epoch_permutation``: which sample of that source the draw is, shuffled anew each epoch.
+
+So a run resumed on another number of ranks with the same global batch continues exactly where it
+stopped, and MLM masking, seeded by (seed, sample id), needs no state either.
+
+Samples are cut from a source's token stream (its shards in order, documents joined by their
+end-of-document token). GPT: windows of ``seq_len + 1`` tokens, inputs and labels shifted by one.
+BERT: ``[CLS] + seq_len - 2 tokens + [SEP]``, then 80/10/10 masking.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from pipeline.data.masking import mask_tokens
 from pipeline.data.shards import IndexedShard, ShardError
 
+BLEND_BLOCK = 4096  # positions per block; each block holds the exact blend proportions
 
-@functools.lru_cache(maxsize=4)
-def epoch_permutation(seed: int, epoch: int, num_samples: int) -> np.ndarray:
-    """The visiting order of all samples in one epoch."""
-    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch])))
+
+@functools.lru_cache(maxsize=16)
+def epoch_permutation(seed: int, source: int, epoch: int, num_samples: int) -> np.ndarray:
+    """The visiting order of one source's samples in one epoch."""
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, source, epoch])))
     perm = rng.permutation(num_samples)
     perm.setflags(write=False)
     return perm
 
 
-def sample_ids(seed: int, num_samples: int, start: int, count: int) -> np.ndarray:
-    """Sample ids at global positions [start, start + count) of the endless, epoch-shuffled stream."""
-    positions = np.arange(start, start + count, dtype=np.int64)
-    epochs, offsets = np.divmod(positions, num_samples)
-    out = np.empty(count, dtype=np.int64)
+def block_counts(weights: Sequence[float], block: int = BLEND_BLOCK) -> np.ndarray:
+    """Draws per source in one block: proportional to the weights, largest remainders rounded up."""
+    w = np.asarray(weights, dtype=np.float64)
+    if w.size == 0 or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"blend weights must be non-negative with a positive sum, got {list(weights)}")
+    exact = w / w.sum() * block
+    counts = np.floor(exact).astype(np.int64)
+    short = block - counts.sum()
+    counts[np.argsort(-(exact - counts), kind="stable")[:short]] += 1
+    return counts
+
+
+@functools.lru_cache(maxsize=8)
+def _block_layout(seed: int, weights: tuple[float, ...], block: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+    """For block b: the source of each position and its rank among that source's draws in the block."""
+    counts = block_counts(weights, block)
+    sources = np.repeat(np.arange(len(counts)), counts)
+    if len(counts) > 1:
+        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, 0x51E5D, b])))
+        rng.shuffle(sources)
+    ranks = np.empty(block, dtype=np.int64)
+    for s in range(len(counts)):
+        sel = sources == s
+        ranks[sel] = np.arange(int(sel.sum()))
+    sources.setflags(write=False)
+    ranks.setflags(write=False)
+    return sources, ranks
+
+
+def blend(seed: int, weights: Sequence[float], positions: np.ndarray, block: int = BLEND_BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """(source index, draw number within that source) for each global position."""
+    positions = np.asarray(positions, dtype=np.int64)
+    counts = block_counts(weights, block)
+    src = np.empty(positions.size, dtype=np.int64)
+    draw = np.empty(positions.size, dtype=np.int64)
+    blocks, offsets = np.divmod(positions, block)
+    for b in np.unique(blocks):
+        sel = blocks == b
+        layout_src, layout_rank = _block_layout(seed, tuple(float(x) for x in weights), block, int(b))
+        s = layout_src[offsets[sel]]
+        src[sel] = s
+        draw[sel] = int(b) * counts[s] + layout_rank[offsets[sel]]
+    return src, draw
+
+
+def sample_ids(seed: int, source: int, num_samples: int, draws: np.ndarray) -> np.ndarray:
+    """Sample ids for the given draw numbers of one source (endless, reshuffled every epoch)."""
+    draws = np.asarray(draws, dtype=np.int64)
+    epochs, offsets = np.divmod(draws, num_samples)
+    out = np.empty(draws.size, dtype=np.int64)
     for epoch in np.unique(epochs):
         sel = epochs == epoch
-        out[sel] = epoch_permutation(seed, int(epoch), num_samples)[offsets[sel]]
+        out[sel] = epoch_permutation(seed, source, int(epoch), num_samples)[offsets[sel]]
     return out
 
 
-def rank_positions(consumed_samples: int, micro_step: int, rank: int, world_size: int, micro_batch: int) -> tuple[int, int]:
-    """(start, count) of the global positions one rank reads for one micro-step.
+def rank_positions(consumed_samples: int, micro_step: int, rank: int, world_size: int, micro_batch: int) -> np.ndarray:
+    """Global positions one rank reads for one micro-step.
 
     A step covers positions [consumed, consumed + global_batch); micro-step m of that step gives
     rank r the slice that starts at consumed + (m·world + r)·micro.
     """
-    return consumed_samples + (micro_step * world_size + rank) * micro_batch, micro_batch
+    start = consumed_samples + (micro_step * world_size + rank) * micro_batch
+    return np.arange(start, start + micro_batch, dtype=np.int64)
+
+
+class TokenStream:
+    """The shards of one source read as one contiguous token stream."""
+
+    def __init__(self, prefixes: Sequence[str | Path]):
+        self.shards = [IndexedShard(p) for p in prefixes]
+        sizes = [s.num_tokens for s in self.shards]
+        self.offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+        self.num_tokens = int(self.offsets[-1])
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        out = np.empty(length, dtype=np.int64)
+        filled = 0
+        while filled < length:
+            pos = start + filled
+            k = int(np.searchsorted(self.offsets, pos, side="right")) - 1
+            local = pos - int(self.offsets[k])
+            take = min(length - filled, self.shards[k].num_tokens - local)
+            out[filled : filled + take] = self.shards[k].tokens[local : local + take]
+            filled += take
+        return out
 
 
 class GPTSamples:
-    """Fixed-length causal-LM samples from one split: (input_ids, labels) shifted by one token."""
+    """Causal-LM samples from one source: (input_ids, labels), shifted by one token."""
 
-    def __init__(self, prefix: str | Path, seq_len: int):
-        self.shard = IndexedShard(prefix)
+    def __init__(self, prefixes: Sequence[str | Path] | str | Path, seq_len: int):
+        if isinstance(prefixes, (str, Path)):
+            prefixes = [prefixes]
+        self.stream = TokenStream(prefixes)
         self.seq_len = seq_len
-        self.num_samples = (self.shard.num_tokens - 1) // seq_len
+        self.num_samples = (self.stream.num_tokens - 1) // seq_len
         if self.num_samples < 1:
             raise ShardError(
-                f"{prefix}: {self.shard.num_tokens} tokens cannot fill one sample of {seq_len + 1}; "
+                f"{prefixes[0]}: {self.stream.num_tokens} tokens cannot fill one sample of {seq_len + 1}; "
                 f"lower train.seq_len or prepare more data"
             )
 
     def __len__(self) -> int:
         return self.num_samples
 
-    def window(self, sample_id: int) -> np.ndarray:
-        start = int(sample_id) * self.seq_len
-        return np.asarray(self.shard.tokens[start : start + self.seq_len + 1], dtype=np.int64)
+    def batch(self, ids) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, labels), each (B, T)."""
+        L = self.seq_len
+        tokens = torch.from_numpy(np.stack([self.stream.read(int(i) * L, L + 1) for i in ids]))  # (B, T+1)
+        return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+
+class BERTSamples:
+    """Masked-LM samples from one source: ``[CLS] text [SEP]``, masked by (seed, sample id)."""
+
+    def __init__(self, prefixes: Sequence[str | Path] | str | Path, seq_len: int, *, seed: int,
+                 special: dict[str, int], vocab_size: int, mask_prob: float = 0.15):
+        if isinstance(prefixes, (str, Path)):
+            prefixes = [prefixes]
+        self.stream = TokenStream(prefixes)
+        self.seq_len, self.seed, self.mask_prob = seq_len, seed, mask_prob
+        self.cls, self.sep, self.mask = special["cls"], special["sep"], special["mask"]
+        self.special_ids = sorted(set(special.values()))
+        self.vocab_size = vocab_size
+        self.num_samples = self.stream.num_tokens // (seq_len - 2)
+        if self.num_samples < 1:
+            raise ShardError(f"{prefixes[0]}: too few tokens for one sample of {seq_len}; prepare more data")
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def tokens(self, sample_id: int) -> np.ndarray:
+        body = self.stream.read(int(sample_id) * (self.seq_len - 2), self.seq_len - 2)
+        return np.concatenate([[self.cls], body, [self.sep]]).astype(np.int64)
 
     def batch(self, ids) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = torch.from_numpy(np.stack([self.window(i) for i in ids]))  # (B, T+1)
-        return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+        """(input_ids, labels), each (B, T); labels are -100 except at masked positions."""
+        inputs, labels = [], []
+        for i in ids:
+            x, y = mask_tokens(
+                self.tokens(i), seed=self.seed, sample_index=int(i), vocab_size=self.vocab_size,
+                mask_id=self.mask, special_ids=self.special_ids, mask_prob=self.mask_prob,
+            )
+            inputs.append(x)
+            labels.append(y)
+        return torch.from_numpy(np.stack(inputs)), torch.from_numpy(np.stack(labels))
+
+
+def open_split(data_dir: str | Path, manifest: dict, split: str, seq_len: int, *, arch: str = "gpt",
+               seed: int = 0) -> dict[str, GPTSamples | BERTSamples]:
+    """Source name → samples of one split, in manifest order (sources without enough data are left out)."""
+    data_dir = Path(data_dir)
+    info = manifest["splits"][split]
+    tok = manifest["tokenizer"]
+    out = {}
+    for name, src in info["sources"].items():
+        prefixes = [data_dir / p for p in src["shards"]]
+        if not prefixes or src["tokens"] < seq_len + 1:
+            continue
+        if arch == "bert":
+            out[name] = BERTSamples(prefixes, seq_len, seed=seed, special=tok["special_ids"],
+                                    vocab_size=tok["vocab_size"])
+        else:
+            out[name] = GPTSamples(prefixes, seq_len)
+    if not out:
+        raise ShardError(f"{data_dir}: no source of the {split} split has {seq_len + 1} tokens; lower train.seq_len")
+    return out
+
+
+class BlendedSamples:
+    """Several sources drawn in proportion to their weights, as one endless sample stream."""
+
+    def __init__(self, sources: dict[str, GPTSamples | BERTSamples], weights: dict[str, float], seed: int):
+        self.names = list(sources)
+        self.sources = [sources[n] for n in self.names]
+        self.weights = [float(weights.get(n, 1.0)) for n in self.names]
+        self.seed = seed
+
+    def ids(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(source index, sample id) for each global position."""
+        src, draw = blend(self.seed, self.weights, positions)
+        sid = np.empty_like(draw)
+        for s in np.unique(src):
+            sel = src == s
+            sid[sel] = sample_ids(self.seed, int(s), len(self.sources[s]), draw[sel])
+        return src, sid
+
+    def batch(self, src: np.ndarray, sid: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = [self.sources[s].batch([i]) for s, i in zip(src.tolist(), sid.tolist())]
+        return torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])

@@ -11,6 +11,7 @@ import functools
 import hashlib
 import json
 import os
+import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -20,9 +21,9 @@ import numpy as np
 import pipeline
 from pipeline.config import ConfigError, DataConfig
 from pipeline.data.manifest import MANIFEST, write_manifest
-from pipeline.data.shards import ShardWriter, sha256_file, token_dtype
+from pipeline.data.shards import RollingShardWriter, sha256_file, token_dtype
 from pipeline.data.sources import read_jsonl
-from pipeline.data.tokenizer import train_bpe
+from pipeline.data.tokenizer import load_tokenizer, special_ids, train_tokenizer
 
 SPLITS = ("train", "validation")
 
@@ -74,9 +75,13 @@ def _tokenize_batch(batch: dict, tokenizer_json: str, eod_id: int) -> dict:
 def _fingerprint(cfg: DataConfig) -> str:
     """Inputs and config that decide the output; a re-run with the same one does no work."""
     h = hashlib.sha256()
-    h.update(json.dumps(cfg.model_dump(mode="json", exclude={"num_cpus"}), sort_keys=True).encode())
+    # blend weights and Ray's CPU count do not change the shards
+    decided = cfg.model_dump(mode="json", exclude={"num_cpus": True, "sources": {"__all__": {"weight"}}})
+    h.update(json.dumps(decided, sort_keys=True).encode())
     for src in cfg.sources:
         h.update(sha256_file(src.path).encode())
+    if cfg.tokenizer.path:
+        h.update(sha256_file(cfg.tokenizer.path).encode())
     h.update(pipeline.__version__.encode())
     return h.hexdigest()
 
@@ -106,12 +111,13 @@ def prepare(cfg: DataConfig, ray_address: str | None = None, log=print) -> dict:
         log(f"prepare: {out} is up to date (same inputs and config); nothing to do")
         return json.loads((out / MANIFEST).read_text())
     out.mkdir(parents=True, exist_ok=True)
+    for split in SPLITS:  # shards of an earlier, different run
+        shutil.rmtree(out / split, ignore_errors=True)
     (out / MANIFEST).unlink(missing_ok=True)  # invalid until this run finishes
     t0 = time.time()
     init_ray(cfg.num_cpus, ray_address)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
-    ctx.enable_progress_bars = False
 
     items = [
         {"source": i, "path": str(Path(s.path).resolve()), "text_field": s.text_field}
@@ -142,43 +148,62 @@ def prepare(cfg: DataConfig, ray_address: str | None = None, log=print) -> dict:
                     yield row["text"]
 
     tok_cfg = cfg.tokenizer
-    tokenizer = train_bpe(good_texts(), tok_cfg.vocab_size, tok_cfg.min_frequency, tok_cfg.eod_token)
+    if tok_cfg.path:
+        tokenizer = load_tokenizer(tok_cfg.path)
+        for _ in good_texts():  # still account for and quarantine every record
+            pass
+    else:
+        tokenizer = train_tokenizer(good_texts(), tok_cfg)
     if sum(seen.values()) != sum(kept.values()) + sum(reasons.values()):
         raise RuntimeError("prepare: record accounting does not add up (records != kept + quarantined)")
     if not kept:
         raise PrepareError(f"prepare: no usable documents in {[s.path for s in cfg.sources]}; see {quarantine_path}")
+    specials = special_ids(tokenizer, tok_cfg)
     tokenizer_path = out / "tokenizer.json"
     tokenizer.save(str(tokenizer_path))
-    eod_id = tokenizer.token_to_id(tok_cfg.eod_token)
     vocab_size = tokenizer.get_vocab_size()
     dtype = token_dtype(vocab_size)
-    log(f"prepare: tokenizer trained, vocabulary {vocab_size}, {sum(kept.values())} documents kept, "
-        f"{sum(reasons.values())} quarantined")
+    log(f"prepare: tokenizer {'loaded' if tok_cfg.path else 'trained'} ({tok_cfg.type}, vocabulary "
+        f"{vocab_size}), {sum(kept.values())} documents kept, {sum(reasons.values())} quarantined")
 
-    # Pass 2: tokenize in Ray workers, append end-of-document, stream into the split shards.
+    # Pass 2: tokenize in Ray workers, append end-of-document, stream into per-source split shards.
     tokenized = records.map_batches(
-        _tokenize_batch, fn_kwargs={"tokenizer_json": tokenizer.to_str(), "eod_id": eod_id}, batch_size=256
+        _tokenize_batch, fn_kwargs={"tokenizer_json": tokenizer.to_str(), "eod_id": specials["eod"]},
+        batch_size=256,
     )
     every = max(2, round(1 / cfg.validation_fraction))
-    writers = {split: ShardWriter(out / split, dtype) for split in SPLITS}
-    docs = {split: Counter() for split in SPLITS}
+    names = [s.resolved_name for s in cfg.sources]
+    writers = {
+        (split, i): RollingShardWriter(out, split, names[i], dtype, cfg.shard_max_tokens)
+        for split in SPLITS for i in range(len(names))
+    }
     n = 0
     try:
         for batch in tokenized.iter_batches(batch_size=1024, batch_format="numpy"):
             for source, ids in zip(batch["source"], batch["ids"]):
                 split = "validation" if n % every == every - 1 else "train"
-                writers[split].add_document(ids)
-                docs[split][int(source)] += 1
+                writers[split, int(source)].add_document(ids)
                 n += 1
     finally:
         for w in writers.values():
             w.close()
     for split in SPLITS:
-        if writers[split].num_tokens < 2:
+        if sum(writers[split, i].num_tokens for i in range(len(names))) < 2:
             raise PrepareError(
                 f"prepare: the {split} split is empty ({n} documents kept); add documents or "
                 f"raise data.validation_fraction"
             )
+
+    def split_info(split: str) -> dict:
+        ws = [writers[split, i] for i in range(len(names))]
+        return {
+            "documents": sum(w.documents for w in ws),
+            "tokens": sum(w.num_tokens for w in ws),
+            "sources": {
+                names[i]: {"documents": w.documents, "tokens": w.num_tokens, "shards": w.shards}
+                for i, w in enumerate(ws)
+            },
+        }
 
     manifest = {
         "format": "megatron-mmidx",
@@ -187,26 +212,19 @@ def prepare(cfg: DataConfig, ray_address: str | None = None, log=print) -> dict:
         "created_unix": int(time.time()),
         "dtype": dtype.name,
         "tokenizer": {
-            "file": "tokenizer.json", "type": "byte-level-bpe",
-            "vocab_size": vocab_size, "eod_token": tok_cfg.eod_token, "eod_id": eod_id,
+            "file": "tokenizer.json", "type": tok_cfg.type, "vocab_size": vocab_size,
+            "eod_token": tok_cfg.eod, "special_ids": specials,
         },
-        "splits": {
-            split: {
-                "prefix": split,
-                "documents": sum(docs[split].values()),
-                "tokens": writers[split].num_tokens,
-                "documents_per_source": {cfg.sources[s].path: c for s, c in sorted(docs[split].items())},
-            }
-            for split in SPLITS
-        },
+        "splits": {split: split_info(split) for split in SPLITS},
         "sources": [
-            {"path": s.path, "text_field": s.text_field, "records": seen[i], "kept": kept[i]}
+            {"name": names[i], "path": s.path, "text_field": s.text_field, "records": seen[i], "kept": kept[i],
+             "quarantined": seen[i] - kept[i]}
             for i, s in enumerate(cfg.sources)
         ],
         "quarantine": {"file": "quarantine.jsonl", "records": sum(reasons.values()), "by_reason": dict(reasons)},
         "config": cfg.model_dump(mode="json"),
     }
-    files = ["tokenizer.json", "quarantine.jsonl"] + [f"{s}.{ext}" for s in SPLITS for ext in ("bin", "idx")]
+    files = ["tokenizer.json", "quarantine.jsonl"] + [f for w in writers.values() for f in w.files()]
     write_manifest(out, manifest, files)
     tokens = sum(manifest["splits"][s]["tokens"] for s in SPLITS)
     log(f"prepare: wrote {tokens} tokens in {n} documents to {out} in {time.time() - t0:.1f}s "

@@ -55,7 +55,7 @@ class ShardWriter:
         self.dtype = np.dtype(dtype)
         if self.dtype not in _CODE_OF:
             raise ValueError(f"dtype {self.dtype} has no MMIDIDX code")
-        self._bin = open(self.prefix.with_suffix(".bin"), "wb")
+        self._bin = open(Path(f"{self.prefix}.bin"), "wb")
         self._lengths: list[int] = []
         self.num_tokens = 0
 
@@ -67,13 +67,50 @@ class ShardWriter:
 
     def close(self) -> None:
         self._bin.close()
-        write_index(self.prefix.with_suffix(".idx"), np.array(self._lengths, dtype=np.int32), self.dtype)
+        write_index(Path(f"{self.prefix}.idx"), np.array(self._lengths, dtype=np.int32), self.dtype)
 
     def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class RollingShardWriter:
+    """Documents of one source and split, cut into shards of about ``max_tokens`` tokens each.
+
+    Shards are named ``<split>/<source>-00000``, ``-00001``, …; a document never spans two shards.
+    """
+
+    def __init__(self, root: Path, split: str, source: str, dtype: np.dtype, max_tokens: int):
+        self.root, self.split, self.source = Path(root), split, source
+        self.dtype, self.max_tokens = np.dtype(dtype), max_tokens
+        self.shards: list[str] = []  # prefixes relative to root
+        self.documents = self.num_tokens = 0
+        self._current: ShardWriter | None = None
+
+    def add_document(self, tokens) -> None:
+        if self._current is None or self._current.num_tokens >= self.max_tokens:
+            self._roll()
+        self._current.add_document(tokens)
+        self.documents += 1
+        self.num_tokens += len(tokens)
+
+    def _roll(self) -> None:
+        if self._current is not None:
+            self._current.close()
+        rel = f"{self.split}/{self.source}-{len(self.shards):05d}"
+        (self.root / self.split).mkdir(parents=True, exist_ok=True)
+        self._current = ShardWriter(self.root / rel, self.dtype)
+        self.shards.append(rel)
+
+    def close(self) -> None:
+        if self._current is not None:
+            self._current.close()
+            self._current = None
+
+    def files(self) -> list[str]:
+        return [f"{p}.{ext}" for p in self.shards for ext in ("bin", "idx")]
 
 
 def write_index(path: Path, lengths: np.ndarray, dtype: np.dtype) -> None:
@@ -98,7 +135,7 @@ class IndexedShard:
 
     def __init__(self, prefix: str | Path):
         self.prefix = Path(prefix)
-        idx_path, bin_path = self.prefix.with_suffix(".idx"), self.prefix.with_suffix(".bin")
+        idx_path, bin_path = Path(f"{self.prefix}.idx"), Path(f"{self.prefix}.bin")
         for p in (idx_path, bin_path):
             if not p.is_file():
                 raise ShardError(f"shard file missing: {p}")

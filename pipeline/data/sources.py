@@ -1,57 +1,289 @@
-"""Raw corpus readers. Each yields every record with its position, good or bad: bad records carry
-a reason and go to quarantine, so nothing is dropped without a trace."""
+"""Raw corpus readers: jsonl (plain, .gz, .zst), parquet, plain text, saved HF datasets.
+
+Each reader yields every record with its position, good or bad: bad records carry a reason and go
+to quarantine, so nothing is dropped without a trace. A record's position is a line (jsonl), a row
+(parquet, hf; 0-based like pyarrow and `datasets`), a paragraph (text split on blank lines; 1-based)
+or the whole file (position 0). `doc_id` packs (source, file, position) into one int64 whose order is
+the corpus order, so "the first occurrence" is simply the smallest id.
+"""
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
+from pipeline.config import ConfigError, SourceConfig
+
+FORMATS = ("jsonl", "parquet", "text", "hf")
+_JSONL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
+_PARQUET_SUFFIXES = {".parquet", ".pq"}
+_COMPRESSED = {".gz", ".zst"}
+
+# doc_id bit layout: source (12 bits) | file within the source (19) | position in the file (32)
+_FILE_BITS, _POS_BITS = 19, 32
+MAX_SOURCES, MAX_FILES, MAX_POSITION = 1 << 12, 1 << _FILE_BITS, (1 << _POS_BITS) - 1
+
 
 @dataclass(frozen=True)
 class Record:
     source: int  # index of the source in data.sources
-    line: int  # 1-based line number in the file
+    line: int  # position in its file: line, row, paragraph, or 0 for a whole-file document
     text: str | None  # None when the record is bad
-    reason: str | None = None  # why it is bad
+    reason: str | None = None  # why it is bad: "<code>" or "<code>: <detail>"
     raw: str | None = None  # a bounded excerpt of a bad record, for the quarantine file
+    file: int = 0  # index of the file within its source
 
 
-def _excerpt(raw: bytes | str, limit: int = 200) -> str:
+@dataclass(frozen=True)
+class SourceFile:
+    """One unit of reading: a file (or a split of a saved HF DatasetDict) of one source."""
+
+    source: int
+    index: int
+    path: str
+    format: str
+    part: str | None = None  # the split of a DatasetDict
+
+    @property
+    def label(self) -> str:
+        return f"{self.path}[{self.part}]" if self.part else self.path
+
+
+def position_unit(fmt: str, text_unit: str = "file") -> str:
+    """Name of the position a record of this format carries (the quarantine file's key)."""
+    if fmt == "text":
+        return text_unit
+    return "line" if fmt == "jsonl" else "row"
+
+
+def doc_ids(source: int, file: int, positions) -> np.ndarray:
+    pos = np.asarray(positions, dtype=np.int64)
+    return (np.int64(source) << (_FILE_BITS + _POS_BITS)) | (np.int64(file) << _POS_BITS) | pos
+
+
+def split_doc_ids(ids) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(source, file, position) of each packed id."""
+    ids = np.asarray(ids, dtype=np.int64)
+    return ids >> (_FILE_BITS + _POS_BITS), (ids >> _POS_BITS) & (MAX_FILES - 1), ids & MAX_POSITION
+
+
+def detect_format(path: str | Path) -> str:
+    """Format of a file from its suffix, ignoring a .gz/.zst compression suffix."""
+    suffixes = [s.lower() for s in Path(path).suffixes]
+    if suffixes and suffixes[-1] in _COMPRESSED:
+        suffixes = suffixes[:-1]
+    last = suffixes[-1] if suffixes else ""
+    if last in _JSONL_SUFFIXES:
+        return "jsonl"
+    if last in _PARQUET_SUFFIXES:
+        return "parquet"
+    return "text"
+
+
+def _hf_parts(path: Path) -> list[str | None] | None:
+    """Splits of a saved DatasetDict, [None] for a saved Dataset, None if `path` is neither."""
+    if (path / "dataset_dict.json").is_file():
+        return sorted(json.loads((path / "dataset_dict.json").read_text())["splits"])
+    if (path / "state.json").is_file() and (path / "dataset_info.json").is_file():
+        return [None]
+    return None
+
+
+def list_source_files(src: SourceConfig, source: int) -> list[SourceFile]:
+    """Every file of a source in reading order; a ConfigError naming the field if there is none."""
+    field = f"data.sources.{source}"
+    path = Path(src.path)
+    if not path.exists():
+        raise ConfigError(f"{field}.path: no such file or directory: {src.path}")
+    parts = _hf_parts(path) if path.is_dir() else None
+    if src.format == "hf" or (src.format == "auto" and parts is not None):
+        if parts is None:
+            raise ConfigError(f"{field}.path: {src.path} is not a dataset saved with datasets.save_to_disk")
+        files = [SourceFile(source, i, str(path), "hf", part) for i, part in enumerate(parts)]
+    elif path.is_dir():
+        found = sorted(
+            (p for p in path.rglob("*") if p.is_file() and not any(x.startswith(".") for x in p.relative_to(path).parts)),
+            key=lambda p: p.relative_to(path).as_posix(),
+        )
+        if not found:
+            raise ConfigError(f"{field}.path: directory {src.path} holds no files")
+        files = [SourceFile(source, i, str(p), src.format if src.format != "auto" else detect_format(p))
+                 for i, p in enumerate(found)]
+    else:
+        files = [SourceFile(source, 0, str(path), src.format if src.format != "auto" else detect_format(path))]
+    if len(files) > MAX_FILES:
+        raise ConfigError(f"{field}.path: {len(files)} files; at most {MAX_FILES} per source (split the source)")
+    return files
+
+
+def read_file(sf: SourceFile, text_field: str = "text", text_unit: str = "file") -> Iterator[Record]:
+    """Every record of one file, good or bad, in file order."""
+    if sf.format == "jsonl":
+        return read_jsonl(sf.path, sf.source, text_field, sf.index)
+    if sf.format == "parquet":
+        return read_parquet(sf.path, sf.source, text_field, sf.index)
+    if sf.format == "hf":
+        return read_hf(sf.path, sf.source, text_field, sf.index, sf.part)
+    if sf.format == "text":
+        return read_text(sf.path, sf.source, text_unit, sf.index)
+    raise ValueError(f"unknown source format {sf.format!r}; expected one of {FORMATS}")
+
+
+def _excerpt(raw, limit: int = 200) -> str:
     if isinstance(raw, bytes):
-        raw = raw.decode("utf-8", errors="backslashreplace")
+        raw = raw[: limit * 4].decode("utf-8", errors="backslashreplace")
+    elif not isinstance(raw, str):
+        raw = repr(raw)
     return raw[:limit]
 
 
-def read_jsonl(path: str | Path, source: int, text_field: str) -> Iterator[Record]:
-    """Yield one Record per non-blank line of a jsonl file."""
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                yield Record(source, line_no, None, f"invalid_utf8: {exc.reason} at byte {exc.start}", _excerpt(raw))
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield Record(source, line_no, None, f"malformed_json: {exc.msg}", _excerpt(line))
-                continue
-            if not isinstance(obj, dict):
-                yield Record(source, line_no, None, f"not_an_object: got {type(obj).__name__}", _excerpt(line))
-                continue
-            if text_field not in obj:
-                yield Record(source, line_no, None, f"missing_field: {text_field!r}", _excerpt(line))
-                continue
-            text = obj[text_field]
-            if not isinstance(text, str):
-                yield Record(source, line_no, None, f"not_a_string: {text_field!r} is {type(text).__name__}", _excerpt(line))
-                continue
-            text = text.lstrip("\ufeff").replace("\x00", "")
-            if not text.strip():
-                yield Record(source, line_no, None, "empty_text", _excerpt(line))
-                continue
-            yield Record(source, line_no, text)
+def _document(value, field: str) -> tuple[str | None, str | None]:
+    """(text, None) for a usable document, else (None, reason)."""
+    if not isinstance(value, str):
+        return None, f"not_a_string: {field!r} is {type(value).__name__}"
+    text = value.lstrip("\ufeff").replace("\x00", "")  # a BOM; NUL bytes break C tools downstream
+    if not text.strip():
+        return None, "empty_text"
+    return text, None
+
+
+def _open_binary(path: str | Path):
+    suffix = Path(path).suffix.lower()
+    if suffix == ".gz":
+        return gzip.open(path, "rb")
+    if suffix == ".zst":
+        import zstandard
+
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+    return open(path, "rb")
+
+
+def _read_errors() -> tuple[type[BaseException], ...]:
+    """What a truncated or corrupt (compressed) file raises while being read."""
+    try:
+        import zstandard
+
+        return OSError, EOFError, zstandard.ZstdError
+    except ImportError:
+        return OSError, EOFError
+
+
+def _position(pos: int, path) -> int:
+    if pos > MAX_POSITION:
+        raise ValueError(f"{path}: more than {MAX_POSITION} records in one file; split the file")
+    return pos
+
+
+def read_jsonl(path: str | Path, source: int, text_field: str, file: int = 0) -> Iterator[Record]:
+    """One Record per non-blank line of a jsonl file (plain, .gz or .zst)."""
+    line_no = 0
+    try:
+        with _open_binary(path) as f:
+            for line_no, raw in enumerate(f, start=1):
+                if raw.strip():
+                    yield _jsonl_record(raw, source, _position(line_no, path), text_field, file)
+    except _read_errors() as exc:  # a truncated or corrupt (compressed) file
+        yield Record(source, line_no + 1, None, f"unreadable_file: {exc}", _excerpt(str(path)), file)
+
+
+def _jsonl_record(raw: bytes, source: int, line_no: int, text_field: str, file: int) -> Record:
+    try:
+        line = raw.decode("utf-8").lstrip("\ufeff")  # a BOM, usually on line 1
+    except UnicodeDecodeError as exc:
+        return Record(source, line_no, None, f"invalid_utf8: {exc.reason} at byte {exc.start}", _excerpt(raw), file)
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return Record(source, line_no, None, f"malformed_json: {exc.msg}", _excerpt(line), file)
+    except RecursionError:
+        return Record(source, line_no, None, "malformed_json: nested too deeply", _excerpt(line), file)
+    if not isinstance(obj, dict):
+        return Record(source, line_no, None, f"not_an_object: got {type(obj).__name__}", _excerpt(line), file)
+    if text_field not in obj:
+        return Record(source, line_no, None, f"missing_field: {text_field!r}", _excerpt(line), file)
+    text, reason = _document(obj[text_field], text_field)
+    return Record(source, line_no, text, reason, _excerpt(line) if reason else None, file)
+
+
+def _column_records(values, start: int, source: int, field: str, file: int) -> Iterator[Record]:
+    for row, value in enumerate(values, start=start):
+        text, reason = _document(value, field)
+        yield Record(source, _position(row, field), text, reason, _excerpt(value) if reason else None, file)
+
+
+def read_parquet(path: str | Path, source: int, text_field: str, file: int = 0) -> Iterator[Record]:
+    """One Record per row of a parquet file; a file without the column is one bad record."""
+    import pyarrow.parquet as pq
+
+    row = 0
+    try:
+        pf = pq.ParquetFile(path)
+        names = pf.schema_arrow.names
+        if text_field not in names:
+            yield Record(source, 0, None, f"missing_field: {text_field!r} not in columns {names[:20]} "
+                         f"({pf.metadata.num_rows} rows)", _excerpt(str(path)), file)
+            return
+        for batch in pf.iter_batches(batch_size=1024, columns=[text_field]):
+            values = batch.column(0).to_pylist()
+            yield from _column_records(values, row, source, text_field, file)
+            row += len(values)
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        yield Record(source, row, None, f"unreadable_file: {exc}", _excerpt(str(path)), file)
+
+
+def read_hf(path: str | Path, source: int, text_field: str, file: int = 0, part: str | None = None) -> Iterator[Record]:
+    """One Record per row of a dataset saved with `datasets.save_to_disk` (one split of a DatasetDict)."""
+    import datasets
+
+    ds = datasets.load_from_disk(str(path))
+    if part is not None:
+        ds = ds[part]
+    if text_field not in ds.column_names:
+        yield Record(source, 0, None, f"missing_field: {text_field!r} not in columns {ds.column_names[:20]} "
+                     f"({ds.num_rows} rows)", _excerpt(str(path)), file)
+        return
+    row = 0
+    for batch in ds.select_columns([text_field]).iter(batch_size=1024):
+        values = batch[text_field]
+        yield from _column_records(values, row, source, text_field, file)
+        row += len(values)
+
+
+def read_text(path: str | Path, source: int, text_unit: str = "file", file: int = 0) -> Iterator[Record]:
+    """A plain-text file as one document, or one per blank-line-separated paragraph (1-based)."""
+    number = 0
+    try:
+        with _open_binary(path) as f:
+            if text_unit == "file":
+                yield _text_record(f.read(), source, 0, file)
+                return
+            paragraph: list[bytes] = []
+            for line in f:
+                if line.strip():
+                    paragraph.append(line)
+                    continue
+                if paragraph:
+                    number += 1
+                    yield _text_record(b"".join(paragraph).rstrip(b"\r\n"), source, _position(number, path), file)
+                    paragraph = []
+            if paragraph:
+                number += 1
+                yield _text_record(b"".join(paragraph).rstrip(b"\r\n"), source, _position(number, path), file)
+    except _read_errors() as exc:
+        yield Record(source, number + 1 if text_unit != "file" else 0, None, f"unreadable_file: {exc}",
+                     _excerpt(str(path)), file)
+
+
+def _text_record(raw: bytes, source: int, position: int, file: int) -> Record:
+    try:
+        value = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return Record(source, position, None, f"invalid_utf8: {exc.reason} at byte {exc.start}", _excerpt(raw), file)
+    text, reason = _document(value, "text")
+    return Record(source, position, text, reason, _excerpt(raw) if reason else None, file)

@@ -1,27 +1,66 @@
-"""Byte-level BPE tokenizer, trained with HF `tokenizers` and saved as a portable tokenizer.json."""
+"""Tokenizers, trained with HF `tokenizers` and saved as a portable tokenizer.json.
+
+- ``bpe``: byte-level BPE (GPT-2 style), one special token: end-of-document.
+- ``wordpiece``: lower-cased WordPiece (BERT style), with [PAD] [UNK] [CLS] [SEP] [MASK].
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+from pipeline.config import TokenizerConfig
+
+BERT_SPECIALS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int, eod_token: str) -> Tokenizer:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=min_frequency,
-        special_tokens=[eod_token],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
+class TokenizerError(ValueError):
+    """A tokenizer that lacks what the config or the model needs."""
+
+
+def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig) -> Tokenizer:
+    if cfg.type == "wordpiece":
+        tok = Tokenizer(models.WordPiece(unk_token=BERT_SPECIALS["unk"]))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece()
+        specials = list(BERT_SPECIALS.values())
+        if cfg.eod not in specials:
+            specials.append(cfg.eod)
+        trainer = trainers.WordPieceTrainer(
+            vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency, special_tokens=specials,
+            show_progress=False,
+        )
+    else:
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency, special_tokens=[cfg.eod],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        )
     tok.train_from_iterator(texts, trainer=trainer)
     return tok
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
+    path = Path(path)
+    if not path.is_file():
+        raise TokenizerError(f"data.tokenizer.path: no such file: {path}")
     return Tokenizer.from_file(str(path))
+
+
+def special_ids(tok: Tokenizer, cfg: TokenizerConfig) -> dict[str, int]:
+    """Ids of the special tokens the pipeline uses: always ``eod``; for wordpiece the BERT ones."""
+    wanted = {"eod": cfg.eod}
+    if cfg.type == "wordpiece":
+        wanted.update(BERT_SPECIALS)
+    out = {}
+    for role, token in wanted.items():
+        idx = tok.token_to_id(token)
+        if idx is None:
+            raise TokenizerError(f"tokenizer has no {token!r} token (needed as {role}); check data.tokenizer")
+        out[role] = idx
+    return out

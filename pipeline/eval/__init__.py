@@ -1,0 +1,10 @@
+"""Evaluation jobs: score committed checkpoints, watch a run, and summarise it without W&B.
+
+evaluate.py (loss/perplexity per split and source, MLM accuracy, one checkpoint → eval.json)
+tasks.py (zero-shot cloze and multiple-choice tasks from local jsonl) · harness.py (lm-eval-harness)
+watch.py (evaluate each new checkpoint exactly once) · report.py (HTML + PNG) · status.py
+"""
+
+
+class EvalError(ValueError):
+    """Nothing evaluable, or a user mistake: the message names the file, checkpoint or option."""

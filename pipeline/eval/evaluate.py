@@ -1,30 +1,66 @@
-"""`pretrain eval`: score a committed checkpoint on the validation split, log beside training.
+"""`pretrain eval`: score committed checkpoints and log the results beside training.
 
-Runs as its own job (one process, no DeepSpeed): it reads only committed checkpoints, loads their
-``model.safetensors`` (no unpickling), and writes ``eval.json`` into the checkpoint directory.
+An eval job is one process (no DeepSpeed) that reads only committed, hash-verified checkpoints and
+their ``model.safetensors`` (no unpickling). Per checkpoint it measures, on ``eval.max_samples``
+evenly spread samples of each source of each split:
+
+- loss, perplexity and top-1/top-5 accuracy of the predicted tokens: the next token for GPT, the
+  masked tokens for BERT (masked exactly as training masks them: seeded by train.seed and sample id);
+- GPT only: zero-shot cloze and multiple-choice tasks from local jsonl files (tasks.py);
+- optionally lm-eval-harness tasks through the transformers export (harness.py).
+
+``score_checkpoint`` is the side-effect-free part (it runs inside a Ray task with ``--ray``);
+``EvalSession`` writes the records (records.py) and logs to the run's W&B project and group as one
+``eval`` run, plotted against the checkpoint's training step, with a table of every checkpoint.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
+import os
+import re
+import socket
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
-import yaml
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from pipeline.config import ModelConfig, build_config
-from pipeline.data.loader import GPTSamples
+import pipeline
+from pipeline.config import ModelConfig, PipelineConfig
+from pipeline.data.loader import open_split
 from pipeline.data.manifest import manifest_sha256, verify_manifest
+from pipeline.eval import EvalError
+from pipeline.eval.records import EVAL_DIR, checkpoint_config, eval_lock, load_records, run_config, write_record
 from pipeline.models import build_model, load_state_dict_tied
 from pipeline.tracking import Tracker
 from pipeline.train import checkpoint as ckpt
 
+TABLE_KEY = "eval/checkpoints"
 
-class EvalError(ValueError):
-    """Nothing evaluable: no committed checkpoint, or data that does not match it."""
+
+@dataclass(frozen=True)
+class EvalOptions:
+    tasks: tuple[str, ...] = ()  # zero-shot task files (jsonl)
+    lm_eval_tasks: tuple[str, ...] = ()  # lm-eval-harness task names
+    splits: tuple[str, ...] = ("validation", "train")
+    device: str | None = None  # None: cuda when available, else cpu
+
+
+def check_options(options: EvalOptions) -> None:
+    """Fail before any model is loaded: unreadable task files, lm-eval missing."""
+    from pipeline.eval.harness import require_lm_eval
+    from pipeline.eval.tasks import load_task
+
+    for path in options.tasks:
+        load_task(path)
+    if options.lm_eval_tasks:
+        require_lm_eval()
 
 
 def find_checkpoint(run_dir: str | Path, step: int | None = None) -> ckpt.Committed:
@@ -38,56 +74,205 @@ def find_checkpoint(run_dir: str | Path, step: int | None = None) -> ckpt.Commit
             f"{run_dir}: no committed checkpoint {what} under {root} "
             f"(a checkpoint counts only once its {ckpt.COMMIT} marker exists)"
         )
-    ckpt.verify_checkpoint(found[-1].path)
     return found[-1]
 
 
-def load_model(checkpoint: ckpt.Committed) -> torch.nn.Module:
-    state = checkpoint.trainer_state()
-    model = build_model(ModelConfig.model_validate(state["model"]))
-    load_state_dict_tied(model, load_file(str(checkpoint.path / "model.safetensors")))
-    return model.eval()
+def load_model(path: Path, model_cfg: dict, device: str) -> torch.nn.Module:
+    model = build_model(ModelConfig.model_validate(model_cfg))
+    load_state_dict_tied(model, load_file(str(path / "model.safetensors")))
+    return model.to(device).eval()
+
+
+def spread(total: int, n: int | None) -> list[int]:
+    """``n`` sample ids spread evenly over ``[0, total)`` (all of them when n is None or larger)."""
+    if n is None or n >= total:
+        return list(range(total))
+    return sorted({int(i) for i in np.linspace(0, total - 1, n).round()})
 
 
 @torch.no_grad()
-def validation_metrics(model: torch.nn.Module, data: GPTSamples, max_samples: int | None, micro: int) -> dict:
-    n = min(len(data), max_samples or len(data))
-    total_loss, total_tokens = 0.0, 0
-    for start in range(0, n, micro):
-        x, y = data.batch(range(start, min(start + micro, n)))
-        total_loss += model(x, y).item() * y.numel()
-        total_tokens += y.numel()
-    loss = total_loss / total_tokens
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "samples": n, "tokens": total_tokens}
+def token_metrics(model, data, ids: list[int], micro: int, device: str) -> dict:
+    """Loss, perplexity and top-1/top-5 accuracy over every labelled token (labels != -100)."""
+    loss_sum, top1, top5, tokens = 0.0, 0, 0, 0
+    for start in range(0, len(ids), micro):
+        x, y = data.batch(ids[start : start + micro])  # (B, T) each
+        logits = model(x.to(device)).float()  # (B, T, V)
+        picked = (y != -100).to(device)  # (B, T)
+        lg, target = logits[picked], y.to(device)[picked]  # (N, V), (N,)
+        loss_sum += F.cross_entropy(lg, target, reduction="sum").item()
+        best5 = lg.topk(min(5, lg.shape[-1]), dim=-1).indices  # (N, 5)
+        top1 += (best5[:, 0] == target).sum().item()
+        top5 += (best5 == target[:, None]).any(-1).sum().item()
+        tokens += target.numel()
+    if not tokens:
+        raise EvalError("no labelled token in the evaluated samples")
+    loss = loss_sum / tokens
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "acc_top1": top1 / tokens,
+            "acc_top5": top5 / tokens, "samples": len(ids), "tokens": tokens}
 
 
-def evaluate(run_dir: str | Path, step: int | None = None, log=print) -> dict:
-    checkpoint = find_checkpoint(run_dir, step)
-    cfg = build_config(
-        yaml.safe_load((checkpoint.path / "config.yaml").read_text(encoding="utf-8")),
-        origin=f"({checkpoint.path / 'config.yaml'})",
-    )
-    state = checkpoint.trainer_state()
+def split_metrics(model, cfg: PipelineConfig, data_dir: Path, manifest: dict, split: str, device: str) -> dict:
+    """Metrics of each source of a split, and of the split (token-weighted over its sources)."""
+    sources = open_split(data_dir, manifest, split, cfg.train.seq_len, arch=cfg.model.arch, seed=cfg.train.seed)
+    per = {name: token_metrics(model, data, spread(len(data), cfg.eval.max_samples), cfg.eval.micro_batch_size, device)
+           for name, data in sources.items()}
+    tokens = sum(m["tokens"] for m in per.values())
+    out = {k: sum(m[k] * m["tokens"] for m in per.values()) / tokens for k in ("loss", "acc_top1", "acc_top5")}
+    out["perplexity"] = math.exp(min(out["loss"], 50.0))
+    return {**out, "samples": sum(m["samples"] for m in per.values()), "tokens": tokens, "sources": per}
+
+
+def _key(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
+def flat_metrics(result: dict) -> dict[str, float]:
+    """The scalars logged to W&B and metrics.jsonl, e.g. eval/validation/loss, eval/task/NAME/acc."""
+    out = {}
+    for split, m in result["splits"].items():
+        for k in ("loss", "perplexity", "acc_top1", "acc_top5"):
+            out[f"eval/{split}/{k}"] = m[k]
+        if len(m["sources"]) > 1:
+            for source, s in m["sources"].items():
+                out[f"eval/{split}/source/{_key(source)}/loss"] = s["loss"]
+                out[f"eval/{split}/source/{_key(source)}/perplexity"] = s["perplexity"]
+    for group, results in (("task", result["tasks"]), ("lm_eval", result["lm_eval"])):
+        for task, m in results.items():
+            out.update({f"eval/{group}/{_key(task)}/{k}": v for k, v in m.items() if k != "examples"})
+    return out
+
+
+def score_checkpoint(checkpoint_path: str | Path, options: EvalOptions) -> dict:
+    """Every metric of one committed checkpoint (verified first). Writes nothing."""
+    path = Path(checkpoint_path)
+    ckpt.verify_checkpoint(path)
+    checkpoint = ckpt.Committed(path, ckpt.committed_step(path))
+    cfg, state = checkpoint_config(path), checkpoint.trainer_state()
     data_dir = Path(cfg.data.output_dir)
-    verify_manifest(data_dir)
+    manifest = verify_manifest(data_dir)
     if manifest_sha256(data_dir) != state["data_manifest_sha256"]:
-        raise EvalError(f"{data_dir}: the dataset changed since {checkpoint.path} was trained on it")
+        raise EvalError(f"{data_dir}: the dataset changed since {path} was trained on it")
+    arch = state["model"]["arch"]
+    if arch != "gpt" and (options.tasks or options.lm_eval_tasks):
+        raise EvalError(f"--tasks/--lm-eval score a causal LM; {path} is a {arch} checkpoint (masked LM)")
+    device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.time()
-    model = load_model(checkpoint)
-    data = GPTSamples(data_dir / "validation", cfg.train.seq_len)
-    val = validation_metrics(model, data, cfg.eval.max_samples, cfg.eval.micro_batch_size)
-    result = {"step": checkpoint.step, "checkpoint": str(checkpoint.path), "split": "validation",
-              **val, "seconds": round(time.time() - t0, 2)}
-    tracker = Tracker(cfg, Path(run_dir) / "eval_metrics.jsonl", "eval", step_metric="train/step")
-    try:
-        tracker.log({"eval/loss": val["loss"], "eval/perplexity": val["perplexity"]}, step=checkpoint.step)
-        result["wandb_run_id"], result["wandb_dir"] = tracker.run_id, tracker.run_dir
-    finally:
-        tracker.close()
-    out = checkpoint.path / "eval.json"
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    tmp.replace(out)
-    log(f"eval: step {checkpoint.step}: validation loss {val['loss']:.4f}, perplexity "
-        f"{val['perplexity']:.2f} over {val['samples']} samples → {out}")
+    model = load_model(path, state["model"], device)
+    splits = {s: split_metrics(model, cfg, data_dir, manifest, s, device)
+              for s in options.splits if s in manifest["splits"]}
+    tasks = _run_tasks(options.tasks, model, data_dir, manifest, state["model"]["max_seq_len"],
+                       cfg.eval.micro_batch_size, device)
+    lm_eval = {}
+    if options.lm_eval_tasks:
+        from pipeline.eval.harness import run_lm_eval
+
+        lm_eval = run_lm_eval(path, list(options.lm_eval_tasks), device, cfg.eval.micro_batch_size)
+    headline = splits.get("validation") or next(iter(splits.values()))
+    result = {
+        "step": checkpoint.step, "checkpoint": str(path), "arch": arch,
+        "consumed_samples": state["consumed_samples"],
+        "tokens_trained": state["consumed_samples"] * cfg.train.seq_len,
+        "loss": headline["loss"], "perplexity": headline["perplexity"],
+        "splits": splits, "tasks": tasks, "lm_eval": lm_eval,
+        "time": round(time.time(), 3), "seconds": round(time.time() - t0, 2), "device": device,
+        "host": socket.gethostname(), "pid": os.getpid(), "code_version": pipeline.__version__,
+    }
+    result["metrics"] = flat_metrics(result)
     return result
+
+
+def _run_tasks(files, model, data_dir: Path, manifest: dict, max_len: int, micro: int, device: str) -> dict:
+    if not files:
+        return {}
+    from pipeline.data.tokenizer import load_tokenizer
+    from pipeline.eval.tasks import load_task, run_task
+
+    tokenizer = load_tokenizer(data_dir / manifest["tokenizer"].get("file", "tokenizer.json"))
+    tok = manifest["tokenizer"]
+    eod = tok.get("special_ids", {}).get("eod", tok.get("eod_id"))
+    return {t.name: run_task(t, model, tokenizer, eod, max_len, micro, device) for t in map(load_task, files)}
+
+
+@contextlib.contextmanager
+def scorer(options: EvalOptions, use_ray: bool = False, ray_address: str | None = None,
+           ray_gpus: float = 0.0) -> Iterator[Callable[[Path], dict]]:
+    """``score(checkpoint_path) -> result``: in this process, or as a Ray task (embedded Ray, or the
+    cluster at ``ray_address`` / RAY_ADDRESS; the run directory must be on storage the worker sees)."""
+    if not use_ray:
+        yield lambda path: score_checkpoint(str(path), options)
+        return
+    import ray
+
+    from pipeline.data.prepare import init_ray
+
+    started = not ray.is_initialized()
+    init_ray(address=ray_address)
+    remote = ray.remote(num_cpus=1, num_gpus=ray_gpus, max_retries=0)(score_checkpoint)
+    try:
+        yield lambda path: ray.get(remote.remote(str(path), options))
+    finally:
+        if started:
+            ray.shutdown()
+
+
+class EvalSession:
+    """One eval job's outputs: the records on disk and one W&B ``eval`` run in the training run's
+    project and group. Each job is its own W&B run (an offline run resumed by a later job would restart
+    its ``_step`` at 0 and collide on sync); the table in each holds every checkpoint evaluated so far."""
+
+    def __init__(self, run_dir: str | Path, log=print):
+        self.run_dir = Path(run_dir)
+        self.log = log
+        self.tracker: Tracker | None = None
+
+    def _tracker(self, cfg: PipelineConfig) -> Tracker:
+        if self.tracker is None:
+            cfg = cfg.model_copy(update={"run_dir": str(self.run_dir)})  # the run may have moved
+            self.tracker = Tracker(cfg, self.run_dir / "eval_metrics.jsonl", "eval", step_metric="train/step")
+        return self.tracker
+
+    def record(self, result: dict) -> dict:
+        """Write eval.json (+ the run-level copy), then log the metrics and the checkpoint table."""
+        # the run's config, not the checkpoint's: retention may delete the checkpoint any moment now
+        tracker = self._tracker(run_config(self.run_dir) or checkpoint_config(Path(result["checkpoint"])))
+        result = {**result, "wandb_run_id": tracker.run_id, "wandb_dir": tracker.run_dir}
+        written = write_record(self.run_dir, result)
+        columns, rows = checkpoint_table(load_records(self.run_dir))
+        tracker.log(result["metrics"], step=result["step"], tables={TABLE_KEY: (columns, rows)})
+        val = result["splits"].get("validation", {})
+        extras = "".join(f", {name} acc {m['acc']:.3f}" for name, m in result["tasks"].items())
+        where = written or f"{self.run_dir / EVAL_DIR} (retention deleted the checkpoint meanwhile)"
+        self.log(f"eval: step {result['step']}: validation loss {val.get('loss', float('nan')):.4f}, "
+                 f"perplexity {val.get('perplexity', float('nan')):.2f}{extras} in {result['seconds']}s → {where}")
+        return result
+
+    def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close()
+            self.tracker = None
+
+
+def checkpoint_table(records: list[dict]) -> tuple[list[str], list[list]]:
+    """One row per evaluated checkpoint: step, tokens trained, then every metric (None where absent)."""
+    keys = sorted({k for r in records for k in r.get("metrics", {})})
+    rows = [[r["step"], r.get("tokens_trained"), *(r.get("metrics", {}).get(k) for k in keys)] for r in records]
+    return ["step", "tokens_trained", *keys], rows
+
+
+def lease_settings(run_dir: str | Path) -> tuple[float, float]:
+    cfg = run_config(run_dir)
+    launch = cfg.launch if cfg is not None else PipelineConfig().launch
+    return launch.lock_lease_s, launch.lock_heartbeat_s
+
+
+def evaluate(run_dir: str | Path, step: int | None = None, options: EvalOptions = EvalOptions(),
+             use_ray: bool = False, ray_address: str | None = None, ray_gpus: float = 0.0, log=print) -> dict:
+    """Evaluate one checkpoint (``step``, default the newest committed), even if it was before."""
+    check_options(options)
+    checkpoint = find_checkpoint(run_dir, step)
+    session = EvalSession(run_dir, log)
+    with eval_lock(run_dir, *lease_settings(run_dir)), scorer(options, use_ray, ray_address, ray_gpus) as score:
+        try:
+            return session.record(score(checkpoint.path))
+        finally:
+            session.close()

@@ -35,6 +35,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def die_with_parent(parent_marker: str) -> bool:
+    """Linux: have the kernel SIGKILL this process when its parent dies, so a rank never outlives
+    the launcher that holds the run lock (an orphan would keep writing checkpoints while the next
+    `pretrain train` takes the stale lock over). False when the parent, recognised by
+    ``parent_marker`` in its command line, is already gone. Elsewhere a no-op returning True."""
+    if not sys.platform.startswith("linux"):
+        return True
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1: PR_SET_PDEATHSIG
+    try:
+        return parent_marker.encode() in Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def _pdeathsig_preexec():
+    """A preexec_fn for Popen: the child dies with the calling process (resolved before fork)."""
+    import ctypes
+
+    prctl, parent = ctypes.CDLL(None, use_errno=True).prctl, os.getpid()
+
+    def preexec():
+        prctl(1, int(signal.SIGKILL))  # 1: PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec if sys.platform.startswith("linux") else None
+
+
 def write_resolved_config(cfg: PipelineConfig) -> Path:
     """The config every rank loads: validated once here, identical everywhere."""
     run_dir = Path(cfg.run_dir)
@@ -57,7 +87,7 @@ def run_torchrun(cfg: PipelineConfig) -> int:
     ]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     env.setdefault("DS_ACCELERATOR", cpu_or_cuda())
-    proc = subprocess.Popen(cmd, env=env)
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=_pdeathsig_preexec())  # torchrun dies with us
 
     def forward(signum, _frame):
         proc.send_signal(signum)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.config import ModelConfig
+from pipeline.config import ConfigError, ModelConfig
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
@@ -67,3 +67,35 @@ def load_state_dict_tied(model: nn.Module, state_dict: dict[str, torch.Tensor]) 
             "was the checkpoint written with a different model config?"
         )
     model.load_state_dict({k: v for k, v in state_dict.items() if k not in aliases}, strict=False)
+
+
+def initial_model(cfg: ModelConfig) -> nn.Module:
+    """The model training starts from: fresh weights, or ``cfg.init_from``'s transformers weights."""
+    model = build_model(cfg)
+    if not cfg.init_from:
+        return model
+    from pipeline.models.hf import import_from_hf
+
+    hf_cfg, weights = import_from_hf(cfg.init_from)
+    if hf_cfg.arch != cfg.arch:
+        raise ConfigError(f"model.init_from: {cfg.init_from} is a {hf_cfg.arch} model, this config trains {cfg.arch}")
+    ours = {k: v for k, v in model.state_dict().items() if k not in tied_aliases(model)}
+    fitted = {}
+    for name, target in ours.items():
+        source = weights.get(name)
+        if source is None:
+            raise ConfigError(f"model.init_from: {cfg.init_from} has no tensor {name!r}")
+        if source.shape == target.shape:
+            fitted[name] = source
+        elif source.shape[1:] == target.shape[1:] and source.shape[0] <= target.shape[0]:
+            # a vocabulary padded further here: copy the real rows, keep the fresh padding rows
+            padded = target.detach().clone()
+            padded[: source.shape[0]] = source
+            fitted[name] = padded
+        else:
+            raise ConfigError(
+                f"model.init_from: {name} is {tuple(source.shape)} there but {tuple(target.shape)} here; "
+                f"make model.* match the source model"
+            )
+    load_state_dict_tied(model, fitted)
+    return model

@@ -108,7 +108,7 @@ def _fsync_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def commit(root: Path, tmp_dir: Path, step: int, keep_last: int) -> Path:
+def commit(root: Path, tmp_dir: Path, step: int, keep_last: int, keep_every_steps: int | None = None) -> Path:
     """Rank 0, after every rank has written into ``tmp_dir``: publish it as step N."""
     final = root / tag_for(step)
     if final.exists():  # an earlier attempt died before COMMIT: it is garbage
@@ -121,17 +121,31 @@ def commit(root: Path, tmp_dir: Path, step: int, keep_last: int) -> Path:
     }
     _fsync_write(final / COMMIT, json.dumps({"step": step, "files": files}, indent=1) + "\n")
     _fsync_write(root / LATEST, final.name + "\n")
-    apply_retention(root, keep_last)
+    apply_retention(root, keep_last, keep_every_steps)
     return final
 
 
-def apply_retention(root: Path, keep_last: int) -> list[Path]:
-    """Delete committed checkpoints beyond the newest ``keep_last``, and debris older than the newest."""
+def retained_steps(steps: list[int], keep_last: int, keep_every_steps: int | None = None) -> set[int]:
+    """Which committed steps retention keeps: the newest ``keep_last``, plus every multiple of
+    ``keep_every_steps`` (kept forever, e.g. for later evaluation or a rewind)."""
+    steps = sorted(steps)
+    keep = set(steps[-keep_last:]) if keep_last else set(steps)
+    if keep_every_steps:
+        keep |= {s for s in steps if s % keep_every_steps == 0}
+    return keep
+
+
+def apply_retention(root: Path, keep_last: int, keep_every_steps: int | None = None) -> list[Path]:
+    """Delete committed checkpoints that `retained_steps` does not keep, and debris (uncommitted
+    directories) older than the newest committed one. Nothing newer than that is touched: a save in
+    flight stays."""
     found = committed_checkpoints(root)
+    keep = retained_steps([c.step for c in found], keep_last, keep_every_steps)
     removed = []
-    for old in found[:-keep_last] if keep_last else []:
-        shutil.rmtree(old.path)
-        removed.append(old.path)
+    for old in found:
+        if old.step not in keep:
+            shutil.rmtree(old.path)
+            removed.append(old.path)
     newest = found[-1].step if found else -1
     for child in root.iterdir():
         name = child.name.removeprefix(".tmp-")

@@ -1,38 +1,36 @@
-"""`pretrain train` on every rank: verify data → build → resume → step → log → checkpoint."""
+"""`pretrain train` on every rank: verify data → build → resume → step → guard → log → checkpoint.
+
+One optimizer step: for each micro-batch, read this rank's samples (a pure function of
+``consumed_samples``), forward, backward; before the last backward all ranks agree, in one small
+all-reduce, on the step's loss, whether any loss was non-finite, whether a preemption signal
+arrived and whether a time-based save is due. The guards (guards.py) may then reject the step,
+which DeepSpeed discards without touching weights or optimizer moments.
+
+A loss-spike rollback rebuilds the engine from the newest committed checkpoint in the same
+process (the resume path, so it is exact) with the spiking batches marked as never to be trained on.
+"""
 
 from __future__ import annotations
 
-import hashlib
-import json
+import gc
+import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-import pipeline
-from pipeline.config import PipelineConfig, to_yaml
-from pipeline.data.loader import GPTSamples, rank_positions, sample_ids
+from pipeline.config import PipelineConfig
+from pipeline.data.loader import BlendedSamples, open_split, rank_positions
 from pipeline.data.manifest import manifest_sha256, verify_manifest
-from pipeline.models import build_model, load_state_dict_tied, state_dict_for_save
+from pipeline.models import initial_model
+from pipeline.models.flops import param_count, train_flops_per_token
 from pipeline.tracking import NullTracker, Tracker
-from pipeline.train import checkpoint as ckpt
-from pipeline.train.engine import init_distributed, initialize, resolve_model_config
-
-
-@dataclass
-class TrainState:
-    step: int = 0
-    consumed_samples: int = 0
-    wandb_run_id: str | None = None
-    data_manifest_sha256: str = ""
-    sample_digest: str = field(default_factory=lambda: hashlib.sha256().hexdigest())  # this rank's
-
-
-def _digest_update(digest: str, ids: np.ndarray) -> str:
-    """Chain this rank's sample digest: sha256(previous digest ‖ sample ids)."""
-    return hashlib.sha256(digest.encode() + np.asarray(ids, dtype=np.int64).tobytes()).hexdigest()
+from pipeline.train import guards, metrics
+from pipeline.train import state as st
+from pipeline.train.engine import init_distributed, initialize, loss_scale, resolve_model_config, set_lr
+from pipeline.train.preemption import Preemption
 
 
 def _all_mean(value: torch.Tensor) -> float:
@@ -43,91 +41,230 @@ def _all_mean(value: torch.Tensor) -> float:
     return value.item() / dist.get_world_size()
 
 
-def validation_loss(engine, data: GPTSamples, cfg: PipelineConfig, rank: int, world: int) -> float:
-    """Mean loss over the first ``eval.max_samples`` validation samples, split across ranks."""
+def validation_loss(engine, data: BlendedSamples, cfg: PipelineConfig, rank: int, world: int) -> float:
+    """Mean loss over the first ``eval.max_samples`` positions of the blended validation stream."""
     micro = cfg.eval.micro_batch_size
-    n = min(len(data), cfg.eval.max_samples or len(data))
+    size = sum(len(s) for s in data.sources)
+    n = min(size, cfg.eval.max_samples or size)
     per_round = micro * world
     rounds = max(1, n // per_round)  # every rank runs the same number of forwards (ZeRO-3 gathers)
     total = torch.zeros(())
     engine.eval()
     with torch.no_grad():
         for r in range(rounds):
-            ids = [(r * per_round + rank * micro + i) % len(data) for i in range(micro)]
-            x, y = data.batch(ids)
+            x, y = data.batch(*data.ids(rank_positions(r * per_round, 0, rank, world, micro)))
             total += engine(x.to(engine.device), y.to(engine.device)).float().cpu()
     engine.train()
     return _all_mean(total / rounds)
 
 
-def _weights(engine, zero_stage: int) -> dict[str, torch.Tensor] | None:
-    """Full fp32 weights on rank 0 (gathered from all ranks under ZeRO-3), None elsewhere."""
-    import deepspeed
+@dataclass
+class Run:
+    """What stays the same across rollback attempts of one `train()` call."""
+
+    cfg: PipelineConfig
+    rank: int
+    world: int
+    say: object
+    manifest: dict
+    manifest_sha: str
+    train_data: BlendedSamples
+    val_data: BlendedSamples
+    preemption: Preemption
+    faults: guards.Faults
+    tracker: Tracker | NullTracker | None = None
+    pending_skips: list[list[int]] = field(default_factory=list)  # rollbacks not yet in a checkpoint
+
+
+@dataclass
+class Verdict:
+    """What all ranks agreed on before the last backward of a step."""
+
+    loss: float  # mean over ranks and micro-batches (NaN when any was non-finite)
+    nonfinite: bool
+    preempt: bool
+    save_due: bool
+    spike: bool = False
+    zscore: float = 0.0
+
+
+def _agree(engine, losses: list[torch.Tensor], preempt: bool, save_due: bool) -> tuple[float, bool, bool, bool]:
     import torch.distributed as dist
 
-    module = engine.module
-    params = list(module.parameters()) if zero_stage == 3 else []
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=zero_stage == 3):
-        if dist.get_rank() != 0:
-            return None
-        return state_dict_for_save(module)
+    stacked = torch.stack(losses).double()
+    finite = torch.isfinite(stacked)
+    t = torch.stack([torch.where(finite, stacked, 0.0).sum(), (~finite).sum().double(),
+                     torch.tensor(float(preempt), dtype=torch.float64, device=stacked.device),
+                     torch.tensor(float(save_due), dtype=torch.float64, device=stacked.device)])
+    dist.all_reduce(t)
+    total, bad, pre, due = t.tolist()
+    n = len(losses) * dist.get_world_size()
+    return (total / n if not bad else math.nan), bad > 0, pre > 0, due > 0
 
 
-def save(engine, cfg: PipelineConfig, state: TrainState, rank: int, world: int) -> Path | None:
+@dataclass
+class Outcome:
+    state: st.TrainState
+    preempted: bool = False
+    rollback: list[int] | None = None  # [start, end) sample positions to skip, then try again
+
+
+def _build(run: Run) -> tuple[object, st.TrainState, object]:
+    """Model + engine, resumed from the newest committed checkpoint when there is one."""
     import torch.distributed as dist
-    from safetensors.torch import save_file
 
-    root = Path(cfg.run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".tmp-{ckpt.tag_for(state.step)}"
-    if rank == 0 and tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
-    dist.barrier()
-    engine.save_checkpoint(str(root), tag=tmp.name, save_latest=False)
-    torch.save({"torch": torch.get_rng_state()}, tmp / f"rng_rank{rank}.pt")
-    digests = [None] * world
-    dist.all_gather_object(digests, state.sample_digest)
-    weights = _weights(engine, cfg.train.zero_stage)
-    final = None
-    if rank == 0:
-        save_file(weights, str(tmp / "model.safetensors"))
-        (tmp / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
-        info = asdict(state) | {
-            "world_size": world, "sample_digests": digests, "code_version": pipeline.__version__,
-            "model": engine.module.cfg.model_dump(mode="json"),
-        }
-        info.pop("sample_digest")
-        (tmp / "trainer_state.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
-    dist.barrier()  # every rank's files are on disk before the commit
-    if rank == 0:
-        final = ckpt.commit(root, tmp, state.step, cfg.checkpoint.keep_last)
-    dist.barrier()
-    return final
+    cfg, rank, world = run.cfg, run.rank, run.world
+    plan = st.plan_resume(cfg, world, run.manifest_sha)
+    if plan.universal:
+        if rank == 0:
+            st.convert_to_universal(plan.checkpoint, st.checkpoint_root(cfg), log=run.say)
+        dist.barrier()
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+    model = initial_model(resolve_model_config(cfg.model, run.manifest["tokenizer"]["vocab_size"]))
+    engine = initialize(model, cfg, world, load_universal=plan.universal)
+    state = st.TrainState(data_manifest_sha256=run.manifest_sha)
+    if plan.checkpoint is not None:
+        st.load(engine, plan, cfg, state, rank, world)
+    for span in run.pending_skips:
+        if span not in state.skipped_batches:
+            state.skipped_batches.append(span)
+    return engine, state, plan.checkpoint
 
 
-def _resume(engine, cfg: PipelineConfig, state: TrainState, rank: int) -> ckpt.Committed | None:
-    latest = ckpt.latest_committed(Path(cfg.run_dir) / "checkpoints", verify=True)
-    if latest is None:
-        return None
-    saved = latest.trainer_state()
-    if saved["data_manifest_sha256"] != state.data_manifest_sha256:
-        raise ckpt.CheckpointError(
-            f"{latest.path}: was trained on a different dataset (manifest sha256 "
-            f"{saved['data_manifest_sha256'][:12]}… vs {state.data_manifest_sha256[:12]}…); "
-            f"use a new run_dir or the original data.output_dir"
-        )
-    engine.load_checkpoint(str(latest.path.parent), tag=latest.tag, load_module_strict=True)
-    rng_file = latest.path / f"rng_rank{rank}.pt"
-    if rng_file.is_file():
-        torch.set_rng_state(torch.load(rng_file, weights_only=True)["torch"])
-    state.step, state.consumed_samples = saved["step"], saved["consumed_samples"]
-    state.wandb_run_id = saved.get("wandb_run_id")
-    digests = saved.get("sample_digests") or []
-    if len(digests) > rank and saved.get("world_size") == len(digests):
-        state.sample_digest = digests[rank]
-    return latest
+def _log_window(run: Run, engine, state: st.TrainState, meter: metrics.Meter, lr: float, grad_norm,
+                skips: guards.SkipCounter, end_step: int, flops_per_token: float, peak) -> None:
+    cfg = run.cfg
+    mem = torch.tensor([metrics.peak_memory_gib()], dtype=torch.float64, device=engine.device)
+    import torch.distributed as dist
+
+    dist.all_reduce(mem, op=dist.ReduceOp.MAX)
+    m = metrics.throughput(steps=meter.steps, seconds=meter.seconds, data_seconds=meter.data_seconds,
+                           global_batch=cfg.train.global_batch_size, seq_len=cfg.train.seq_len,
+                           world_size=run.world, flops_per_token=flops_per_token, peak=peak)
+    m |= {"train/lr": lr, "train/consumed_samples": state.consumed_samples,
+          "train/skipped_steps": skips.total, "train/peak_memory_gib": float(mem.item())}
+    if meter.losses:
+        m["train/loss"] = float(np.mean(meter.losses))
+    if grad_norm is not None and math.isfinite(grad_norm):
+        m["train/grad_norm"] = float(grad_norm)
+    scale = loss_scale(engine)
+    if scale is not None:
+        m["train/loss_scale"] = scale
+    run.tracker.log(m, step=state.step)
+    run.say(metrics.console_line(state.step, cfg.train.max_steps, m, meter.eta_s(end_step - state.step)))
+
+
+def _validate_and_save(run: Run, engine, state: st.TrainState, *, validate: bool) -> Path | None:
+    msg = ""
+    if validate:
+        val = validation_loss(engine, run.val_data, run.cfg, run.rank, run.world)
+        run.tracker.log({"val/loss": val, "val/perplexity": float(np.exp(val))}, step=state.step)
+        msg = f"validation loss {val:.4f}; "
+    path = st.save(engine, run.cfg, state, run.rank, run.world)
+    run.say(f"step {state.step}: {msg}checkpoint committed: {path}")
+    return path
+
+
+def _attempt(run: Run) -> Outcome:
+    """Build, resume, and train until the end, a preemption, or a rollback."""
+    cfg, rank, world = run.cfg, run.rank, run.world
+    t, ck = cfg.train, cfg.checkpoint
+    engine, state, resumed = _build(run)
+    if run.tracker is None:
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        run.tracker = (Tracker(cfg, Path(cfg.run_dir) / "metrics.jsonl", "train", run_id=state.wandb_run_id)
+                       if rank == 0 else NullTracker())
+    state.wandb_run_id = run.tracker.run_id
+    accum = cfg.gradient_accumulation_steps(world)
+    end_step = min(t.max_steps, t.stop_at_step or t.max_steps)
+    detector = guards.SpikeDetector(t.spike_window_steps, t.spike_zscore, list(state.spike_history))
+    skips = guards.SkipCounter(t.max_consecutive_skips, {"nonfinite": 0, "overflow": 0, "spike": 0} | state.skip_counts,
+                               state.consecutive_skips)
+    model_cfg = engine.module.cfg
+    flops_per_token = train_flops_per_token(model_cfg, t.seq_len)
+    peak = metrics.peak_tflops(t.peak_tflops_per_device, t.precision, metrics.device_name())
+    hold_check = t.zero_stage == 0 and t.precision != "fp16"
+    run.say(f"train: world size {world}, {param_count(model_cfg) / 1e6:.2f}M parameters, ZeRO-{t.zero_stage}"
+            f"{' + optimizer offload' if t.offload_optimizer else ''}{' + parameter offload' if t.offload_params else ''}, "
+            f"{t.precision}, accumulation {accum}, {flops_per_token / 1e6:.1f} MFLOP/token, train samples "
+            + ", ".join(f"{n}: {len(s)} (weight {w:g})" for n, s, w in
+                        zip(run.train_data.names, run.train_data.sources, run.train_data.weights))
+            + (f", resumed from {resumed.path} at step {state.step}" if resumed else ""))
+    if state.step == 0 and resumed is None and not run.pending_skips:
+        val = validation_loss(engine, run.val_data, cfg, rank, world)
+        run.tracker.log({"val/loss": val, "val/perplexity": float(np.exp(val)), "world_size": world}, step=0)
+        run.say(f"step 0: validation loss {val:.4f}")
+    meter, last_save, lr, gnorm = metrics.Meter(), time.monotonic(), 0.0, None
+    micro, gb = t.micro_batch_size_per_gpu, t.global_batch_size
+    while state.step < end_step:
+        state.next_trainable()
+        meter.start_step()
+        lr = set_lr(engine, cfg, state.step)
+        start, losses, skipped_before, held = state.consumed_samples, [], engine.skipped_steps, False
+        for m in range(accum):
+            t0 = time.perf_counter()
+            src, ids = run.train_data.ids(rank_positions(start, m, rank, world, micro))
+            state.sample_digest = st.digest_update(state.sample_digest, src, ids)
+            x, y = run.train_data.batch(src, ids)
+            meter.add_data_time(time.perf_counter() - t0)
+            loss = run.faults.apply(engine(x.to(engine.device), y.to(engine.device)), state.step + 1, start, start + gb)
+            losses.append(loss.detach())
+            if m == accum - 1:
+                save_due = rank == 0 and ck.save_interval_minutes is not None and \
+                    time.monotonic() - last_save >= 60 * ck.save_interval_minutes
+                v = Verdict(*_agree(engine, losses, run.preemption.requested, save_due))
+                if not v.nonfinite and t.spike_action != "off" and detector.is_spike(v.loss):
+                    v.spike, v.zscore = True, guards.spike_zscore(detector.history, v.loss)
+                    run.tracker.log({"train/spike_loss": v.loss, "train/spike_zscore": v.zscore}, step=state.step + 1)
+                    run.say(f"step {state.step + 1}: loss spike {v.loss:.4f} ({v.zscore:.1f} σ over the last "
+                            f"{len(detector.history)} steps); action: {t.spike_action}")
+                    if t.spike_action == "rollback":
+                        _release(engine)
+                        return Outcome(state, rollback=[start, start + t.spike_skip_batches * gb])
+                if v.nonfinite or (v.spike and t.spike_action == "skip"):
+                    loss = guards.poison(loss)
+            engine.backward(loss)
+            if m == accum - 1 and hold_check:
+                gnorm, held = guards.hold_nonfinite_step(engine)
+            engine.step()
+        if not hold_check:
+            gnorm = engine.get_global_grad_norm()
+        state.step += 1
+        state.consumed_samples = start + gb
+        if held or engine.skipped_steps > skipped_before:
+            reason = ("spike" if v.spike else "nonfinite") if (v.nonfinite or v.spike) else \
+                ("overflow" if t.precision == "fp16" else "nonfinite")
+            run.say(f"step {state.step}: update skipped ({reason}); weights and optimizer state unchanged")
+            skips.skipped(reason, state.step)
+            meter.end_step(None)
+        else:
+            skips.applied()
+            detector.record(v.loss)
+            meter.end_step(v.loss)
+        state.spike_history, state.skip_counts, state.consecutive_skips = detector.history, skips.counts, skips.consecutive
+        last = state.step == end_step
+        if state.step % t.log_interval_steps == 0 or last:
+            _log_window(run, engine, state, meter, lr, gnorm, skips, end_step, flops_per_token, peak)
+            meter.reset()
+        if v.preempt:
+            run.say(f"step {state.step}: {run.preemption.signal_name or 'a peer rank was signalled'}: "
+                    f"saving and stopping (preemption)")
+            _validate_and_save(run, engine, state, validate=False)
+            run.preemption.disarm()
+            return Outcome(state, preempted=True)
+        if last or v.save_due or (ck.save_interval_steps and state.step % ck.save_interval_steps == 0):
+            _validate_and_save(run, engine, state, validate=True)
+            run.pending_skips.clear()
+            last_save = time.monotonic()
+            meter.reset()
+    return Outcome(state)
+
+
+def _release(engine) -> None:
+    """Free an engine before a rollback builds the next one (hooks, buffers, ZeRO partitions)."""
+    destroy = getattr(engine, "destroy", None)
+    if destroy is not None:
+        destroy()
 
 
 def train(cfg: PipelineConfig, log=print) -> dict:
@@ -136,76 +273,31 @@ def train(cfg: PipelineConfig, log=print) -> dict:
 
     init_distributed(cfg)
     rank, world = dist.get_rank(), dist.get_world_size()
-    say = log if rank == 0 else (lambda *a, **k: None)
     data_dir = Path(cfg.data.output_dir)
     manifest = verify_manifest(data_dir)
-    state = TrainState(data_manifest_sha256=manifest_sha256(data_dir))
-    seq_len, micro, seed = cfg.train.seq_len, cfg.train.micro_batch_size_per_gpu, cfg.train.seed
-    accum = cfg.gradient_accumulation_steps(world)
-    train_data = GPTSamples(data_dir / "train", seq_len)
-    val_data = GPTSamples(data_dir / "validation", seq_len)
-
-    torch.manual_seed(seed)  # the same initial weights on every rank
-    model = build_model(resolve_model_config(cfg.model, manifest["tokenizer"]["vocab_size"]))
-    engine = initialize(model, cfg, world)
-    resumed = _resume(engine, cfg, state, rank)
-    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-    tracker = (
-        Tracker(cfg, Path(cfg.run_dir) / "metrics.jsonl", "train", run_id=state.wandb_run_id)
-        if rank == 0 else NullTracker()
-    )
-    state.wandb_run_id = tracker.run_id
-    n_params = sum(p.numel() for p in model.parameters())
-    say(f"train: world size {world}, {n_params / 1e6:.2f}M parameters, ZeRO-{cfg.train.zero_stage}, "
-        f"{cfg.train.precision}, accumulation {accum}, {len(train_data)} train samples"
-        + (f", resumed from {resumed.path} at step {state.step}" if resumed else ""))
+    seed, seq_len, arch = cfg.train.seed, cfg.train.seq_len, cfg.model.arch
+    cfg.gradient_accumulation_steps(world)  # a ConfigError naming the fields, before anything is built
+    weights = {s.resolved_name: s.weight for s in cfg.data.sources}
+    split = lambda name: BlendedSamples(open_split(data_dir, manifest, name, seq_len, arch=arch, seed=seed), weights, seed)
+    run = Run(cfg, rank, world, log if rank == 0 else (lambda *a, **k: None), manifest, manifest_sha256(data_dir),
+              split("train"), split("validation"), Preemption(cfg.checkpoint.preempt_grace_s),
+              guards.Faults.from_env(rank))
+    run.preemption.install()
     try:
-        if state.step == 0:
-            val = validation_loss(engine, val_data, cfg, rank, world)
-            tracker.log({"val/loss": val, "val/perplexity": float(np.exp(val)), "world_size": world}, step=0)
-            say(f"step 0: validation loss {val:.4f}")
-        window_t0, window_steps = time.perf_counter(), 0
-        while state.step < cfg.train.max_steps:
-            losses = []
-            for m in range(accum):
-                start, count = rank_positions(state.consumed_samples, m, rank, world, micro)
-                ids = sample_ids(seed, len(train_data), start, count)
-                state.sample_digest = _digest_update(state.sample_digest, ids)
-                x, y = train_data.batch(ids)
-                loss = engine(x.to(engine.device), y.to(engine.device))
-                engine.backward(loss)
-                engine.step()
-                losses.append(loss.detach())
-            state.step += 1
-            state.consumed_samples += cfg.train.global_batch_size
-            window_steps += 1
-            last = state.step == cfg.train.max_steps
-            if state.step % cfg.train.log_interval_steps == 0 or last:
-                loss_val = _all_mean(torch.stack(losses).mean())
-                elapsed = time.perf_counter() - window_t0
-                tokens_per_s = window_steps * cfg.train.global_batch_size * seq_len / elapsed
-                grad_norm = engine.get_global_grad_norm()
-                metrics = {
-                    "train/loss": loss_val,
-                    "train/lr": engine.get_lr()[0],
-                    "train/tokens_per_s": tokens_per_s,
-                    "train/samples_per_s": tokens_per_s / seq_len,
-                    "train/consumed_samples": state.consumed_samples,
-                }
-                if grad_norm is not None:
-                    metrics["train/grad_norm"] = float(grad_norm)
-                tracker.log(metrics, step=state.step)
-                say(f"step {state.step}/{cfg.train.max_steps}: loss {loss_val:.4f}, "
-                    f"lr {metrics['train/lr']:.2e}, {tokens_per_s:,.0f} tokens/s")
-                window_t0, window_steps = time.perf_counter(), 0
-            if state.step % cfg.checkpoint.save_interval_steps == 0 or last:
-                val = validation_loss(engine, val_data, cfg, rank, world)
-                tracker.log({"val/loss": val, "val/perplexity": float(np.exp(val))}, step=state.step)
-                path = save(engine, cfg, state, rank, world)
-                say(f"step {state.step}: validation loss {val:.4f}; checkpoint committed: {path}")
-                window_t0, window_steps = time.perf_counter(), 0
+        while True:
+            outcome = _attempt(run)
+            if outcome.rollback is None:
+                break
+            run.pending_skips.append(outcome.rollback)
+            run.say(f"rollback: rebuilding from the newest committed checkpoint; samples "
+                    f"[{outcome.rollback[0]}, {outcome.rollback[1]}) will never be trained on")
+            gc.collect()
     finally:
-        tracker.close()
+        run.preemption.uninstall()
+        if run.tracker is not None:
+            run.tracker.close()
     dist.barrier()
-    return {"step": state.step, "consumed_samples": state.consumed_samples, "wandb_run_id": state.wandb_run_id,
-            "wandb_dir": tracker.run_dir}
+    s = outcome.state
+    return {"step": s.step, "consumed_samples": s.consumed_samples, "wandb_run_id": s.wandb_run_id,
+            "wandb_dir": run.tracker.run_dir if run.tracker else None, "preempted": outcome.preempted,
+            "skipped_steps": sum(s.skip_counts.values())}

@@ -1,0 +1,114 @@
+"""`pretrain eval --watch`: evaluate every new committed checkpoint of a run, each exactly once.
+
+A checkpoint is pending while it has a COMMIT marker and no eval.json; eval.json is written
+atomically after its metrics are computed, so a watcher that is killed and restarted neither skips
+nor repeats a checkpoint, and a lease on RUN_DIR/eval keeps a second watcher away. Pending
+checkpoints are evaluated oldest first; one that retention deletes before its turn is skipped.
+
+The watcher stops by itself once a checkpoint at or past its target step is evaluated (the target:
+``--until-step``, else the run's ``train.max_steps``), after ``--max-evals`` evaluations, or on
+SIGTERM/SIGINT: the first signal lets the checkpoint in progress finish (its record is complete),
+a second one aborts at once (no record is written for it, so it stays pending).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from pipeline.eval import EvalError
+from pipeline.eval.evaluate import EvalOptions, EvalSession, check_options, lease_settings, scorer
+from pipeline.eval.records import eval_lock, is_evaluated, load_records, run_config
+from pipeline.train import checkpoint as ckpt
+
+
+def pending(run_dir: str | Path) -> list[ckpt.Committed]:
+    """Committed checkpoints without an eval.json, oldest first."""
+    return [c for c in ckpt.committed_checkpoints(Path(run_dir) / "checkpoints") if not is_evaluated(c.path)]
+
+
+def target_step(run_dir: str | Path, until_step: int | None) -> int | None:
+    if until_step is not None:
+        return until_step
+    cfg = run_config(run_dir)
+    return cfg.train.max_steps if cfg is not None else None
+
+
+def reached(run_dir: str | Path, target: int | None) -> bool:
+    return target is not None and any(r["step"] >= target for r in load_records(run_dir))
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop: threading.Event, log=print):
+    """First SIGINT/SIGTERM sets ``stop``; a second raises KeyboardInterrupt."""
+
+    def handler(signum, _frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        log(f"eval --watch: {signal.Signals(signum).name}: stopping after the checkpoint in progress "
+            f"(send it again to abort now)")
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def watch_loop(run_dir: str | Path, evaluate_one: Callable[[ckpt.Committed], dict], stop: threading.Event,
+               interval_s: float = 60.0, max_evals: int | None = None, until_step: int | None = None,
+               log=print) -> list[dict]:
+    """Poll for pending checkpoints and evaluate each; returns this invocation's results."""
+    done: list[dict] = []
+    skipped: set[int] = set()  # deleted or broken: reported once, retried only by the next eval job
+    while not stop.is_set():
+        for checkpoint in pending(run_dir):
+            if stop.is_set() or (max_evals is not None and len(done) >= max_evals):
+                break
+            if checkpoint.step in skipped:
+                continue
+            try:
+                done.append(evaluate_one(checkpoint))
+            except FileNotFoundError:
+                skipped.add(checkpoint.step)
+                log(f"eval --watch: {checkpoint.path} was deleted (retention) before it was evaluated; skipped")
+            except ckpt.CheckpointError as exc:
+                skipped.add(checkpoint.step)
+                log(f"eval --watch: skipping step {checkpoint.step}: {exc}")
+        if max_evals is not None and len(done) >= max_evals:
+            log(f"eval --watch: {len(done)} checkpoint(s) evaluated (--max-evals); stopping")
+            break
+        target = target_step(run_dir, until_step)
+        if reached(run_dir, target) and all(c.step in skipped for c in pending(run_dir)):
+            log(f"eval --watch: step {target} is evaluated, every checkpoint up to it too; done")
+            break
+        stop.wait(interval_s)
+    return done
+
+
+def watch(run_dir: str | Path, options: EvalOptions = EvalOptions(), interval_s: float = 60.0,
+          max_evals: int | None = None, until_step: int | None = None, use_ray: bool = False,
+          ray_address: str | None = None, ray_gpus: float = 0.0, log=print) -> list[dict]:
+    """The whole eval job of ``--watch``: lock, score (here or on Ray), record, log, stop cleanly."""
+    if not (Path(run_dir) / "checkpoints").is_dir() and run_config(run_dir) is None:
+        raise EvalError(f"{run_dir}: not a run directory (no checkpoints/ and no config.yaml); "
+                        f"start `pretrain train` first, or check the path")
+    if interval_s <= 0:
+        raise EvalError(f"--interval-s must be positive, got {interval_s}")
+    check_options(options)
+    stop = threading.Event()
+    session = EvalSession(run_dir, log)
+    log(f"eval --watch: {run_dir}: evaluating new committed checkpoints every {interval_s:g}s "
+        f"(Ctrl-C or SIGTERM stops)")
+    with stop_on_signals(stop, log), eval_lock(run_dir, *lease_settings(run_dir)), \
+            scorer(options, use_ray, ray_address, ray_gpus) as score:
+        try:
+            return watch_loop(run_dir, lambda c: session.record(score(c.path)), stop, interval_s,
+                              max_evals, until_step, log)
+        finally:
+            session.close()

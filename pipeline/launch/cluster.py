@@ -1,0 +1,78 @@
+"""What every cluster target shares: absolute paths, the stage commands, the project files to ship."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+from pathlib import Path
+
+from pipeline.config import ConfigError, PipelineConfig
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+STAGES = ("all", "prepare", "train", "eval")
+# shipped with a Ray job (working_dir) and copied into the images; never the venv, runs or data
+SHIPPED = ("pipeline", "configs", "pyproject.toml", "constraints.txt")
+_CRON_FIELD = re.compile(r"^[0-9A-Za-z*/,\-?LW#]+$")
+
+
+class SubmitError(RuntimeError):
+    """The cluster could not be reached, or its tool (sbatch, kubectl, the Jobs API) refused the job."""
+
+
+def _absolute(path: str | None, base: Path) -> str | None:
+    if path is None:
+        return None
+    p = Path(path).expanduser()
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def absolute_paths(cfg: PipelineConfig, base: Path | None = None) -> PipelineConfig:
+    """The config with run_dir, data.output_dir and every input path made absolute (relative paths
+    are resolved against ``base``, the submitting directory), so a job on another node or in
+    another working directory reads and writes the same places."""
+    base = base or Path.cwd()
+    data = cfg.data.model_copy(update={
+        "output_dir": _absolute(cfg.data.output_dir, base),
+        "sources": [s.model_copy(update={"path": _absolute(s.path, base)}) for s in cfg.data.sources],
+        "tokenizer": cfg.data.tokenizer.model_copy(update={"path": _absolute(cfg.data.tokenizer.path, base)}),
+    })
+    return cfg.model_copy(update={"run_dir": _absolute(cfg.run_dir, base), "data": data})
+
+
+def stage_commands(python: str, config: str, run_dir: str, stage: str, train_module: str = "pipeline.cli") -> list[str]:
+    """Shell commands of the stages: prepare → train → eval (or just one)."""
+    if stage not in STAGES:
+        raise ConfigError(f"--stage must be one of {', '.join(STAGES)}, got {stage!r}")
+    py, cfg, run = shlex.quote(python), shlex.quote(config), shlex.quote(run_dir)
+    train = (f"{py} -m pipeline.cli train {cfg}" if train_module == "pipeline.cli"
+             else f"{py} -m {train_module} {cfg}")
+    commands = {
+        "prepare": f"{py} -m pipeline.cli prepare {cfg}",
+        "train": train,
+        "eval": f"{py} -m pipeline.cli eval {run}",
+    }
+    return list(commands.values()) if stage == "all" else [commands[stage]]
+
+
+def check_cron(expr: str) -> str:
+    """Five cron fields (minute hour day month weekday), as Kubernetes, KubeRay and crontab take."""
+    fields = expr.split()
+    if len(fields) != 5 or not all(_CRON_FIELD.match(f) for f in fields):
+        raise ConfigError(f"--schedule {expr!r}: expected five cron fields 'MIN HOUR DAY MONTH WEEKDAY', "
+                          f"e.g. '0 */6 * * *' (every six hours)")
+    return " ".join(fields)
+
+
+def stage_project(dest: Path, config_yaml: str) -> Path:
+    """Copy the code and presets into ``dest`` with the resolved config as submitted/config.yaml."""
+    for name in SHIPPED:
+        src = PROJECT_ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        elif src.is_file():
+            shutil.copy2(src, dest / name)
+    (dest / "submitted").mkdir(parents=True, exist_ok=True)
+    path = dest / "submitted" / "config.yaml"
+    path.write_text(config_yaml, encoding="utf-8")
+    return path

@@ -1,0 +1,216 @@
+"""A lease lock on a run directory: one `pretrain train` writes a run at a time.
+
+Scheduled runs (cron, RayCronJob, scrontab) fire whether or not the previous firing finished; two
+trainers on one run directory would interleave checkpoints. The holder writes ``run_dir/run.lock``
+(JSON: host, pid, start time, lease expiry, a random token) and a heartbeat thread pushes the expiry
+forward every ``heartbeat_s``. Anyone else finds a live lease and stops with `RunLocked`.
+
+A lock whose holder died is taken over when it is *stale*: its lease expired (any host), or it names
+this host and a process that no longer exists (same pid and start time), so a SIGKILLed trainer on
+the same machine does not block the next firing for a whole lease.
+
+Read-check-write steps happen under ``flock`` on ``run.lock.guard``, so two starters can never both
+take a stale lock. Leases compare wall clocks: hosts sharing a run directory need NTP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+LOCK_FILE = "run.lock"
+GUARD_FILE = "run.lock.guard"
+HELD_ENV = "PRETRAIN_RUN_LOCK_TOKEN"  # set for child ranks: the parent already holds the lock
+
+
+class RunLocked(RuntimeError):
+    """Another live process holds the run directory's lease."""
+
+
+@dataclass(frozen=True)
+class LeaseInfo:
+    host: str
+    pid: int
+    pid_start: str  # /proc start time of pid, "" where unknown: guards against pid reuse
+    started_at: float
+    expires_at: float
+    token: str
+    command: str = ""
+
+    def describe(self, now: float) -> str:
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started_at))
+        return (f"pid {self.pid} on {self.host} (started {started}, lease renewed until "
+                f"{self.expires_at - now:+.0f} s from now)")
+
+
+def _pid_start(pid: int) -> str:
+    """Start time of a process in clock ticks since boot (Linux), "" elsewhere or when gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22, counted after the command name
+
+
+def _process_alive(pid: int, pid_start: str) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, owned by someone else
+    return not pid_start or not _pid_start(pid) or _pid_start(pid) == pid_start
+
+
+def is_stale(info: LeaseInfo, now: float, host: str) -> bool:
+    """True when nobody can still be holding ``info``'s lease."""
+    if now >= info.expires_at:
+        return True
+    return info.host == host and not _process_alive(info.pid, info.pid_start)
+
+
+def read_lease(run_dir: str | Path) -> LeaseInfo | None:
+    path = Path(run_dir) / LOCK_FILE
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        return LeaseInfo(**raw)
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, TypeError, UnicodeDecodeError):
+        # a half-written or foreign file: treat as expired rather than blocking the run forever
+        return LeaseInfo(host="?", pid=-1, pid_start="", started_at=0.0, expires_at=0.0, token="corrupt")
+
+
+class RunLock:
+    """``with RunLock(run_dir, lease_s=120, heartbeat_s=20): train()`` — raises RunLocked when busy."""
+
+    def __init__(self, run_dir: str | Path, lease_s: float, heartbeat_s: float,
+                 on_lost: Callable[[LeaseInfo | None], None] | None = None, command: str = ""):
+        if heartbeat_s * 2 > lease_s:
+            raise ValueError(f"heartbeat_s ({heartbeat_s}) must be at most half of lease_s ({lease_s})")
+        self.run_dir = Path(run_dir)
+        self.lease_s, self.heartbeat_s = lease_s, heartbeat_s
+        self.on_lost = on_lost or _terminate_self
+        self.command = command
+        self.host = socket.gethostname()
+        self.token = uuid.uuid4().hex
+        self.took_over: LeaseInfo | None = None  # the stale lease replaced, if any
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def path(self) -> Path:
+        return self.run_dir / LOCK_FILE
+
+    @contextlib.contextmanager
+    def _guard(self):
+        with open(self.run_dir / GUARD_FILE, "a+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _write(self, started_at: float) -> None:
+        now = time.time()
+        info = LeaseInfo(self.host, os.getpid(), _pid_start(os.getpid()), started_at, now + self.lease_s,
+                         self.token, self.command)
+        tmp = self.path.with_name(f"{LOCK_FILE}.{self.token}.tmp")
+        tmp.write_text(json.dumps(asdict(info), indent=1) + "\n", encoding="utf-8")
+        os.replace(tmp, self.path)
+
+    def acquire(self) -> RunLock:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with self._guard():
+            now = time.time()
+            current = read_lease(self.run_dir)
+            if current is not None and not is_stale(current, now, self.host):
+                raise RunLocked(
+                    f"{self.run_dir} is being trained by {current.describe(now)}; a second trainer "
+                    f"would interleave checkpoints. Wait for it to finish, or, if that process is gone, "
+                    f"for its lease to expire (delete {self.path} only if you are sure it is dead)"
+                )
+            self.took_over = current
+            self._started_at = now
+            self._write(now)
+        self._thread = threading.Thread(target=self._heartbeat, name="run-lock-heartbeat", daemon=True)
+        self._thread.start()
+        return self
+
+    def _renew(self) -> bool:
+        with self._guard():
+            current = read_lease(self.run_dir)
+            if current is None or current.token != self.token:
+                return False
+            self._write(self._started_at)
+            return True
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                ok = self._renew()
+            except OSError as exc:  # a flaky shared filesystem: try again next beat, the lease has slack
+                print(f"run lock: could not renew {self.path}: {exc}", flush=True)
+                continue
+            if not ok:
+                self.on_lost(read_lease(self.run_dir))
+                return
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        with self._guard():
+            current = read_lease(self.run_dir)
+            if current is not None and current.token == self.token:
+                self.path.unlink()
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _terminate_self(holder: LeaseInfo | None) -> None:
+    """Default when the lease was lost (we stalled past it and someone took over): stop training."""
+    who = holder.describe(time.time()) if holder else "nobody (the lock file was removed)"
+    print(f"run lock: lost the lease on the run directory, now held by {who}; stopping", flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def run_lock(run_dir: str | Path, lease_s: float, heartbeat_s: float, command: str = "pretrain train"):
+    """The lock a process takes around a whole training run; children learn of it through HELD_ENV."""
+    return RunLock(run_dir, lease_s, heartbeat_s, command=command)
+
+
+def rank_lock(run_dir: str | Path, lease_s: float, heartbeat_s: float):
+    """Under a launcher (srun, Ray Train, a user's torchrun): global rank 0 holds the lock, unless our
+    own `pretrain train` parent already does (HELD_ENV). Other ranks hold nothing."""
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+    if rank != "0" or os.environ.get(HELD_ENV):
+        return contextlib.nullcontext()
+    return RunLock(run_dir, lease_s, heartbeat_s, command="pretrain train (rank 0)")
+
+
+def budget_spent(cfg) -> str | None:
+    """Why a (scheduled) firing has nothing to do, or None: the newest committed checkpoint is
+    already at train.max_steps."""
+    from pipeline.train.checkpoint import latest_committed
+
+    newest = latest_committed(Path(cfg.run_dir) / "checkpoints", verify=False)
+    if newest is not None and newest.step >= cfg.train.max_steps:
+        return (f"{cfg.run_dir} is at step {newest.step}, train.max_steps is {cfg.train.max_steps}: "
+                f"the budget is spent, nothing to do")
+    return None

@@ -1,0 +1,174 @@
+"""`pretrain submit --to slurm`: render launch/slurm/train.sbatch and hand it to sbatch.
+
+The script runs prepare and eval on the first node, and training as one `srun` step with one
+torchrun per node (c10d rendezvous on the first host of ``scontrol show hostnames``). It asks for
+``--requeue`` and ``--signal=B:USR1@N``: on USR1 it stops the ranks and requeues itself, and the next
+start resumes from the newest committed checkpoint. With ``--schedule`` a scrontab entry submits the
+script at each firing (``--dependency=singleton``: never two at once).
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from pipeline.config import ConfigError, PipelineConfig, to_yaml
+from pipeline.launch.cluster import PROJECT_ROOT, SubmitError, absolute_paths, stage_commands
+
+_FIELD = re.compile(r"\{\{\s*([a-z_]+)\s*\}\}")
+
+
+def render_template(text: str, values: dict[str, str]) -> str:
+    """Fill ``{{name}}`` fields; a field the template names but we do not know is an error."""
+    missing = sorted({m.group(1) for m in _FIELD.finditer(text)} - set(values))
+    if missing:
+        raise ConfigError(f"launch.slurm.template: unknown field(s) {missing}; known: {sorted(values)}")
+    return _FIELD.sub(lambda m: values[m.group(1)], text)
+
+
+def job_name(cfg: PipelineConfig) -> str:
+    return "pretrain-" + re.sub(r"[^A-Za-z0-9_.-]", "_", cfg.name)
+
+
+def render_sbatch(cfg: PipelineConfig, config_path: str, stage: str = "all") -> str:
+    """The sbatch script for ``cfg`` (paths already absolute), reading its config from ``config_path``."""
+    s, launch = cfg.launch.slurm, cfg.launch
+    template = Path(s.template) if Path(s.template).is_absolute() else PROJECT_ROOT / s.template
+    if not template.is_file():
+        raise ConfigError(f"launch.slurm.template: no such file: {template}")
+    extra = []
+    if launch.gpus_per_node:
+        extra.append(f"#SBATCH --gpus-per-node={launch.gpus_per_node}")
+    if s.partition:
+        extra.append(f"#SBATCH --partition={s.partition}")
+    if s.account:
+        extra.append(f"#SBATCH --account={s.account}")
+    ranks = launch.ranks_per_node(cfg.train)
+    py, conf = s.python, shlex.quote(config_path)
+    torchrun = (f"srun --kill-on-bad-exit=1 --ntasks-per-node=1 {py} -m torch.distributed.run "
+                f"--nnodes=\"$SLURM_JOB_NUM_NODES\" --nproc-per-node={ranks} --rdzv-backend=c10d "
+                f"--rdzv-endpoint=\"$MASTER_ADDR:$MASTER_PORT\" --rdzv-id=\"$SLURM_JOB_ID\" "
+                f"-m pipeline.cli train {conf}")
+    commands = stage_commands(py, config_path, cfg.run_dir, stage)
+    commands = [torchrun if " pipeline.cli train " in c else c for c in commands]
+    values = {
+        "job_name": job_name(cfg),
+        "nodes": str(launch.nodes),
+        "cpus_per_task": str(s.cpus_per_task),
+        "time_limit": s.time_limit,
+        "log_dir": str(Path(cfg.run_dir) / "slurm"),
+        "signal_lead_s": str(s.signal_lead_s),
+        "extra_sbatch": "\n".join(extra),
+        "ranks_per_node": str(ranks),
+        "rdzv_port": str(launch.rdzv_port),
+        "workdir": shlex.quote(str(PROJECT_ROOT)),
+        "stages": "\n".join(f"stage {c}" for c in commands),
+    }
+    return render_template(template.read_text(encoding="utf-8"), values)
+
+
+def scrontab_entry(cfg: PipelineConfig, schedule: str, script: Path) -> str:
+    """A scrontab block that submits ``script`` at each firing; marked so a resubmit replaces it."""
+    name = job_name(cfg)
+    return "\n".join([
+        f"# {name} begin (pretrain submit --to slurm --schedule)",
+        f"#SCRON --job-name={name}-cron --time=00:05:00 --cpus-per-task=1",
+        crontab_line(cfg, schedule, script),
+        f"# {name} end",
+    ])
+
+
+def crontab_line(cfg: PipelineConfig, schedule: str, script: Path) -> str:
+    """The plain-cron alternative to scrontab, for a login node's crontab."""
+    return f"{schedule} sbatch --dependency=singleton --job-name={job_name(cfg)} {shlex.quote(str(script))}"
+
+
+def merge_scrontab(existing: str, block: str, name: str) -> str:
+    """Replace the block for ``name`` in a scrontab, or append it."""
+    pattern = re.compile(rf"^# {re.escape(name)} begin.*?^# {re.escape(name)} end\n?", re.S | re.M)
+    kept = pattern.sub("", existing).rstrip("\n")
+    return (kept + "\n" if kept else "") + block + "\n"
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise SubmitError(f"`{name}` is not on PATH: run on a Slurm login node, or use --dry-run to see the script")
+    return path
+
+
+def _install_scrontab(cfg: PipelineConfig, block: str) -> None:
+    scrontab = _tool("scrontab")
+    current = subprocess.run([scrontab, "-l"], capture_output=True, text=True)
+    existing = current.stdout if current.returncode == 0 else ""
+    merged = merge_scrontab(existing, block, job_name(cfg))
+    with tempfile.NamedTemporaryFile("w", suffix=".scrontab", delete=False) as f:
+        f.write(merged)
+    done = subprocess.run([scrontab, f.name], capture_output=True, text=True)
+    Path(f.name).unlink()
+    if done.returncode != 0:
+        raise SubmitError(f"scrontab refused the entry: {done.stderr.strip() or done.stdout.strip()} "
+                          f"(scrontab needs ScronParameters=enable in slurm.conf)")
+
+
+def submit(cfg: PipelineConfig, *, stage: str = "all", dry_run: bool = False, wait: bool = False,
+           schedule: str | None = None, out=print) -> int:
+    cfg = absolute_paths(cfg)
+    run_dir = Path(cfg.run_dir)
+    tag = time.strftime("%Y%m%d-%H%M%S")
+    config_path = run_dir / "submitted" / f"slurm-{tag}.yaml"
+    script_path = run_dir / "submitted" / f"slurm-{tag}.sbatch"
+    script = render_sbatch(cfg, str(config_path), stage)
+    if dry_run:
+        out(script)
+        if schedule:
+            out(scrontab_entry(cfg, schedule, script_path))
+        return 0
+    (run_dir / "slurm").mkdir(parents=True, exist_ok=True)
+    config_path.parent.mkdir(parents=True, exist_ok=True)
+    config_path.write_text(to_yaml(cfg), encoding="utf-8")
+    script_path.write_text(script, encoding="utf-8")
+    if schedule and shutil.which("scrontab") is None:  # e.g. Debian's slurm-client ships no scrontab
+        out(f"# this Slurm has no scrontab: add this line to the crontab (crontab -e) of this login node;\n"
+            f"# each firing submits {script_path}, never two at once (--dependency=singleton)")
+        out(crontab_line(cfg, schedule, script_path))
+        return 0
+    if schedule:
+        _install_scrontab(cfg, scrontab_entry(cfg, schedule, script_path))
+        out(f"scheduled {script_path} with scrontab ('{schedule}'); see it with `scrontab -l`")
+        return 0
+    done = subprocess.run([_tool("sbatch"), "--parsable", str(script_path)], capture_output=True, text=True)
+    job_id = done.stdout.strip().split(";")[0]
+    if done.returncode != 0 or not job_id:
+        raise SubmitError(f"sbatch refused {script_path}: {done.stderr.strip()}")
+    out(f"submitted Slurm job {job_id}: {script_path}")
+    out(f"  follow its log: tail -f {run_dir / 'slurm'}/{job_name(cfg)}-{job_id}.out")
+    out(f"  status / stop:  squeue -j {job_id} / scancel {job_id}")
+    if not wait:
+        return 0
+    state, exit_code = wait_for_job(job_id)
+    out(f"Slurm job {job_id}: {state} (exit code {exit_code})")
+    return 0 if state == "COMPLETED" else 1
+
+
+_FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
+def wait_for_job(job_id: str, poll_s: float = 2.0) -> tuple[str, str]:
+    """Poll ``scontrol show job`` until the job ends (a requeued job goes on); (state, exit code).
+    (`sbatch --wait` would do, but it polls at up to 32 s intervals.)"""
+    scontrol = _tool("scontrol")
+    while True:
+        shown = subprocess.run([scontrol, "show", "job", "-o", job_id], capture_output=True, text=True)
+        fields = dict(f.split("=", 1) for f in shown.stdout.split() if "=" in f)
+        state = fields.get("JobState", "")
+        if shown.returncode != 0 or not state:
+            raise SubmitError(f"Slurm no longer knows job {job_id} ({shown.stderr.strip()}); see its log")
+        if state in _FINAL:
+            return state, fields.get("ExitCode", "?")
+        time.sleep(poll_s)

@@ -1,0 +1,335 @@
+"""`pretrain plan`: check what can be checked before GPUs are allocated, and estimate the run.
+
+Two halves. `estimate` is a pure function of the config (no torch, no files): parameters, FLOPs per
+token, per-GPU memory for the ZeRO stage and precision, tokens to train and time at a given MFU.
+`preflight` reads the disk: batch divisibility for the world size, the data manifest, and the
+newest committed checkpoint's compatibility with this config.
+
+Memory model, in bytes per parameter Ψ (ZeRO paper, Rajbhandari et al. 2020, section 3) as this
+project's engine sets DeepSpeed up (train/engine.py):
+
+  precision   weights  grads  optimizer (Adam m, v + fp32 master copy)
+  fp32          4        4      8 (+4 master under ZeRO ≥ 1: DeepSpeed keeps an fp32 partition)
+  bf16          4        4      8 (+4 master under ZeRO ≥ 1)   torch autocast: fp32 weights, bf16 math
+  fp16          2        2      8 + 4 master                   DeepSpeed fp16 with loss scaling
+
+ZeRO-1 divides the optimizer states by the world size, ZeRO-2 the gradients too, ZeRO-3 the weights
+too. Activations per layer and micro-batch sample follow Korthikanti et al. 2022 (table 2) for a
+fused attention kernel (no T² scores kept): element size e × T × (9·d + 2·d_ff), plus dropout masks,
+plus the fp32 logits and log-softmax of the loss. With activation checkpointing only each block's
+input is kept, and one block's activations are live while it is recomputed. The peak is the larger of
+the end of the forward pass (states + activations + logits) and the optimizer step (states + the
+step's flat fp32 gradient partition). Not modelled: the CUDA context and allocator fragmentation
+(`OVERHEAD_BYTES`, reported apart), DeepSpeed's communication buckets, and temporary buffers of
+individual kernels. benchmarks/plan_memory.py compares it with a measured peak.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.config import ModelConfig, PipelineConfig, TrainConfig
+from pipeline.models.flops import param_count, train_flops_per_token
+
+GIB = 1024**3
+OVERHEAD_BYTES = 1 * GIB  # CUDA context, cuBLAS/NCCL workspaces: reported, not added
+MLM_PREDICTED_SHARE = 0.15  # BERT computes logits at the masked positions only
+_ELEMENT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes on one GPU at the peak of a training step."""
+
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    logits: int
+    step_buffers: int  # live only in the optimizer step, when the activations are already freed
+
+    @property
+    def model_states(self) -> int:
+        return self.weights + self.gradients + self.optimizer
+
+    @property
+    def total(self) -> int:
+        """The larger of the two peaks: end of the forward pass, or the optimizer step."""
+        return self.model_states + max(self.activations + self.logits, self.step_buffers)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    world_size: int
+    params: int
+    params_non_embedding: int
+    flops_per_token: int
+    gradient_accumulation_steps: int
+    tokens_per_step: int
+    tokens_total: int
+    memory: MemoryEstimate
+    seconds: float  # wall time for train.max_steps at the given MFU
+    mfu: float
+    peak_tflops: float
+
+
+def state_bytes_per_param(precision: str, zero_stage: int) -> tuple[int, int, int]:
+    """(weights, gradients, optimizer) bytes per parameter before ZeRO partitioning."""
+    if precision not in _ELEMENT_BYTES:
+        raise ValueError(f"precision must be one of {sorted(_ELEMENT_BYTES)}, got {precision!r}")
+    if not 0 <= zero_stage <= 3:
+        raise ValueError(f"zero_stage must be 0..3, got {zero_stage}")
+    if precision == "fp16":
+        return 2, 2, 8 + 4
+    master = 4 if zero_stage >= 1 else 0  # stage 0: torch's AdamW updates the fp32 weights in place
+    return 4, 4, 8 + master
+
+
+def activation_bytes(model: ModelConfig, seq_len: int, micro_batch: int, precision: str) -> int:
+    """Activations kept for the backward pass of one micro-batch (all blocks, or block inputs only)."""
+    e = _ELEMENT_BYTES[precision]
+    d, f, L = model.d_model, model.ffn_dim, model.n_layer
+    tokens = seq_len * micro_batch
+    # saved per block: LN inputs (2), LN outputs (2), q/k/v (3), attention output (1), residual
+    # input (1) → 9·d; the MLP's GELU input and output → 2·d_ff
+    per_block = tokens * e * (9 * d + 2 * f)
+    if model.dropout > 0:
+        per_block += tokens * 2 * d  # two residual dropout masks, one byte per element
+    residual = tokens * d * max(e, 4 if precision == "bf16" else e)  # autocast keeps the residual in fp32
+    if model.activation_checkpointing:
+        return L * residual + per_block  # block inputs, plus one block recomputed at a time
+    return L * per_block + residual
+
+
+def logits_bytes(model: ModelConfig, seq_len: int, micro_batch: int, precision: str) -> int:
+    """The loss: logits in the compute dtype, an fp32 copy and its fp32 log-softmax."""
+    positions = seq_len * micro_batch
+    if model.arch == "bert":
+        positions = max(1, round(positions * MLM_PREDICTED_SHARE))
+    return positions * model.padded_vocab_size * (_ELEMENT_BYTES[precision] + 8)
+
+
+def model_state_bytes(n_params: int, precision: str, zero_stage: int, world_size: int) -> tuple[int, int, int]:
+    """(weights, gradients, optimizer) bytes on one rank after ZeRO partitioning."""
+    w, g, o = state_bytes_per_param(precision, zero_stage)
+    return (n_params * w // (world_size if zero_stage >= 3 else 1),
+            n_params * g // (world_size if zero_stage >= 2 else 1),
+            n_params * o // (world_size if zero_stage >= 1 else 1))
+
+
+def step_buffer_bytes(n_params: int, precision: str, zero_stage: int, world_size: int) -> int:
+    """Buffers of the optimizer step: DeepSpeed converts the gradients of the fp32 master partition
+    (ZeRO ≥ 1, or fp16's master copy) into one flat fp32 tensor. torch's fused AdamW (GPU) needs no
+    more; the unfused one on CPU allocates about one more fp32 tensor per parameter."""
+    if zero_stage >= 1:
+        return n_params * 4 // world_size
+    return n_params * 4 if precision == "fp16" else 0
+
+
+def memory_per_gpu(model: ModelConfig, train: TrainConfig, world_size: int) -> MemoryEstimate:
+    n = param_count(model)
+    weights, gradients, optimizer = model_state_bytes(n, train.precision, train.zero_stage, world_size)
+    return MemoryEstimate(
+        weights=weights,
+        gradients=gradients,
+        optimizer=optimizer,
+        activations=activation_bytes(model, train.seq_len, train.micro_batch_size_per_gpu, train.precision),
+        logits=logits_bytes(model, train.seq_len, train.micro_batch_size_per_gpu, train.precision),
+        step_buffers=step_buffer_bytes(n, train.precision, train.zero_stage, world_size),
+    )
+
+
+def estimate(cfg: PipelineConfig, world_size: int, mfu: float = 0.4, peak_tflops: float = 989.0) -> Estimate:
+    """Everything `pretrain plan` prints, from the config alone. ``model.vocab_size`` must be set."""
+    if world_size < 1:
+        raise ValueError(f"world_size must be positive, got {world_size}")
+    if not 0 < mfu <= 1:
+        raise ValueError(f"mfu must be in (0, 1], got {mfu}")
+    if peak_tflops <= 0:
+        raise ValueError(f"peak_tflops must be positive, got {peak_tflops}")
+    model, train = cfg.model, cfg.train
+    accum = cfg.gradient_accumulation_steps(world_size)
+    flops_per_token = train_flops_per_token(model, train.seq_len)
+    tokens_per_step = train.global_batch_size * train.seq_len
+    tokens_total = train.max_steps * tokens_per_step
+    seconds = tokens_total * flops_per_token / (world_size * peak_tflops * 1e12 * mfu)
+    return Estimate(
+        world_size=world_size,
+        params=param_count(model),
+        params_non_embedding=param_count(model, include_position=False, include_embedding=False),
+        flops_per_token=flops_per_token,
+        gradient_accumulation_steps=accum,
+        tokens_per_step=tokens_per_step,
+        tokens_total=tokens_total,
+        memory=memory_per_gpu(model, train, world_size),
+        seconds=seconds,
+        mfu=mfu,
+        peak_tflops=peak_tflops,
+    )
+
+
+# ---------------------------------------------------------------- pre-flight checks (read the disk)
+
+
+@dataclass(frozen=True)
+class Check:
+    what: str
+    ok: bool
+    detail: str
+    blocking: bool = True  # False: a warning that does not fail the plan
+
+
+def _padded(vocab: int, multiple: int) -> int:
+    return -(-vocab // multiple) * multiple
+
+
+def _check_data(cfg: PipelineConfig, checks: list[Check]) -> dict | None:
+    from pipeline.data.manifest import ManifestError, verify_manifest
+
+    root = cfg.data.output_dir
+    try:
+        manifest = verify_manifest(root)
+    except ManifestError as exc:
+        checks.append(Check("data", False, str(exc)))
+        return None
+    train_tokens = manifest.get("splits", {}).get("train", {}).get("tokens", 0)
+    checks.append(Check("data", True, f"{root}/manifest.json verified ({train_tokens:,} train tokens)"))
+    if train_tokens < cfg.train.seq_len + 1:
+        checks.append(Check("data", False, f"the train split has {train_tokens} tokens, fewer than one "
+                            f"sample of train.seq_len + 1 = {cfg.train.seq_len + 1}"))
+    recorded = dict(manifest.get("config") or {})
+    current = cfg.data.model_dump(mode="json")
+    recorded.pop("num_cpus", None), current.pop("num_cpus", None)
+    changed = sorted(k for k in set(recorded) | set(current) if recorded.get(k) != current.get(k))
+    if recorded and changed:
+        checks.append(Check("data", False, f"the config's data section differs from the one this dataset "
+                            f"was prepared with ({', '.join('data.' + k for k in changed)}); run "
+                            f"`pretrain prepare` again or train as it is", blocking=False))
+    return manifest
+
+
+def _check_checkpoint(cfg: PipelineConfig, manifest: dict | None, checks: list[Check]) -> None:
+    import yaml
+
+    from pipeline.data.manifest import manifest_sha256
+    from pipeline.train.checkpoint import CheckpointError, latest_committed
+
+    root = f"{cfg.run_dir}/checkpoints"
+    try:
+        newest = latest_committed(root, verify=True)
+    except CheckpointError as exc:
+        checks.append(Check("checkpoint", False, str(exc)))
+        return
+    if newest is None:
+        checks.append(Check("checkpoint", True, f"none under {root}: training starts at step 0"))
+        return
+    state = newest.trainer_state()
+    saved_model = dict(state.get("model") or {})
+    current_model = cfg.model.model_dump(mode="json")
+    for volatile in ("activation_checkpointing", "dropout", "attn_dropout"):  # no effect on the weights
+        saved_model.pop(volatile, None), current_model.pop(volatile, None)
+    diff = sorted(k for k in set(saved_model) | set(current_model) if saved_model.get(k) != current_model.get(k))
+    problems = [f"model.{k}: checkpoint {saved_model.get(k)!r}, config {current_model.get(k)!r}" for k in diff]
+    saved_cfg = yaml.safe_load((newest.path / "config.yaml").read_text(encoding="utf-8")) or {}
+    saved_batch = (saved_cfg.get("train") or {}).get("global_batch_size")
+    if saved_batch != cfg.train.global_batch_size:
+        problems.append(f"train.global_batch_size: checkpoint {saved_batch}, config "
+                        f"{cfg.train.global_batch_size} (the sample order depends on it)")
+    if manifest is not None and state.get("data_manifest_sha256") != manifest_sha256(cfg.data.output_dir):
+        problems.append("data: the checkpoint was trained on a different dataset (manifest sha256 differs)")
+    if problems:
+        checks.append(Check("checkpoint", False, f"{newest.path} cannot be resumed with this config: "
+                            + "; ".join(problems) + ". Use a new run_dir or the original config"))
+        return
+    step = state.get("step", newest.step)
+    budget = (f"; train.max_steps ({cfg.train.max_steps}) is reached: `pretrain train` will do nothing"
+              if step >= cfg.train.max_steps else f", {cfg.train.max_steps - step} steps to go")
+    checks.append(Check("checkpoint", True, f"resumes from {newest.path} at step {step} (trained on world size "
+                        f"{state.get('world_size')}){budget}"))
+
+
+def preflight(cfg: PipelineConfig, world_size: int) -> tuple[PipelineConfig, list[Check]]:
+    """Check the batch split, the data and the checkpoint; returns the config with the vocabulary
+    resolved from the prepared tokenizer where the model does not set it."""
+    from pipeline.config import ConfigError
+
+    checks: list[Check] = []
+    try:
+        accum = cfg.gradient_accumulation_steps(world_size)
+        checks.append(Check("batch", True, f"{cfg.train.global_batch_size} = micro {cfg.train.micro_batch_size_per_gpu}"
+                            f" × accumulation {accum} × world size {world_size}"))
+    except ConfigError as exc:
+        checks.append(Check("batch", False, str(exc)))
+    manifest = _check_data(cfg, checks)
+    if manifest is not None and cfg.model.vocab_size is None:
+        vocab = manifest["tokenizer"]["vocab_size"]
+        model = cfg.model.model_copy(update={"vocab_size": _padded(vocab, cfg.model.pad_vocab_to_multiple_of)})
+        cfg = cfg.model_copy(update={"model": model})
+    elif manifest is not None and cfg.model.vocab_size < manifest["tokenizer"]["vocab_size"]:
+        checks.append(Check("model", False, f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the "
+                            f"tokenizer's vocabulary ({manifest['tokenizer']['vocab_size']})"))
+    if cfg.model.vocab_size is None:
+        checks.append(Check("model", False, "model.vocab_size is unset and no prepared tokenizer gives it; "
+                            "set model.vocab_size (e.g. --set model.vocab_size=50257) for an estimate"))
+    _check_checkpoint(cfg, manifest, checks)
+    return cfg, checks
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:,.2f} GiB"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 3 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def format_report(cfg: PipelineConfig, est: Estimate) -> str:
+    m, t = est.memory, cfg.train
+    gpu_hours = est.seconds * est.world_size / 3600
+    recompute = "on (≈1/3 more compute per step)" if cfg.model.activation_checkpointing else "off"
+    lines = [
+        f"model        {cfg.model.arch}, {cfg.model.n_layer} layers × d_model {cfg.model.d_model}, "
+        f"vocab {cfg.model.padded_vocab_size}: {est.params / 1e6:,.1f}M parameters "
+        f"({est.params_non_embedding / 1e6:,.1f}M non-embedding)",
+        f"compute      {est.flops_per_token / 1e9:,.3f} GFLOPs per trained token (6·N + 12·L·d·T)",
+        f"batch        world size {est.world_size}, micro-batch {t.micro_batch_size_per_gpu} × seq_len "
+        f"{t.seq_len}, accumulation {est.gradient_accumulation_steps}, "
+        f"{est.tokens_per_step:,} tokens per step",
+        f"setup        ZeRO-{t.zero_stage}, {t.precision}, activation checkpointing {recompute}",
+        "memory/GPU   " + ", ".join([
+            f"weights {_gib(m.weights)}", f"gradients {_gib(m.gradients)}", f"optimizer {_gib(m.optimizer)}",
+            f"activations {_gib(m.activations)}", f"logits {_gib(m.logits)}",
+            f"optimizer-step buffers {_gib(m.step_buffers)}"]),
+        f"             total ≈ {_gib(m.total)} (+ ≈{_gib(OVERHEAD_BYTES)} CUDA context and workspaces, "
+        f"not included)",
+        f"tokens       {t.max_steps:,} steps × {est.tokens_per_step:,} = {est.tokens_total:,} "
+        f"({est.tokens_total / 1e9:,.3f} B)",
+        f"time         {_duration(est.seconds)} at MFU {est.mfu:.0%} of {est.peak_tflops:g} TFLOPs per GPU "
+        f"({gpu_hours:,.1f} GPU-hours)",
+    ]
+    if t.precision == "fp32" and est.peak_tflops >= 300:
+        lines.append(f"note         precision fp32: {est.peak_tflops:g} TFLOPs is a 16-bit tensor-core peak; "
+                     f"pass --peak-tflops for fp32/TF32 (H100 SXM: 67 fp32, 494 TF32)")
+    return "\n".join(lines)
+
+
+def run_plan(cfg: PipelineConfig, world_size: int, mfu: float, peak_tflops: float, out=print) -> int:
+    """Print the checks and the estimate; 0 when nothing blocks the run, 1 otherwise."""
+    cfg, checks = preflight(cfg, world_size)
+    for c in checks:
+        mark = "ok  " if c.ok else ("FAIL" if c.blocking else "warn")
+        out(f"[{mark}] {c.what:<10} {c.detail}")
+    if cfg.model.vocab_size is not None and all(c.ok or c.what != "batch" for c in checks):
+        out("")
+        out(format_report(cfg, estimate(cfg, world_size, mfu, peak_tflops)))
+    failed = [c for c in checks if not c.ok and c.blocking]
+    if failed:
+        out(f"\nplan: {len(failed)} problem(s) above must be fixed before this run can start")
+        return 1
+    return 0
