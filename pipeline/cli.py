@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 EXIT_USER_ERROR = 1
 EXIT_CONFIG_ERROR = 2
 EXIT_LOCKED = 3  # another `pretrain train` holds the run directory's lease
+EXIT_HALTED = 4  # training stopped itself (too many skipped steps); the last checkpoint is intact
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -35,12 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("prepare", help="read, quarantine, train a tokenizer, tokenize and write shards",
-                       description="Ray Data stage: jsonl sources → quarantine.jsonl, tokenizer.json, "
-                       "Megatron-format train/validation shards and a verified manifest.json.")
+    p = sub.add_parser("prepare", help="read, clean, dedup, quarantine, train a tokenizer, tokenize and write shards",
+                       description="Ray Data stages: jsonl/parquet/text/HF-dataset sources → cleaned and "
+                       "deduplicated documents (quarantine.jsonl, duplicates.jsonl), tokenizer.json, "
+                       "Megatron-format train/validation shards and a verified manifest.json. Stages whose "
+                       "inputs and config are unchanged are reused. See docs/data.md.")
     _add_config_args(p)
     p.add_argument("--ray-address", default=None,
                    help="join this Ray cluster (default: RAY_ADDRESS, else an embedded Ray)")
+    p.add_argument("--force", action="store_true", help="re-run every stage even if its outputs are current")
 
     p = sub.add_parser("train", help="train with DeepSpeed over the prepared shards",
                        description="Trains the configured model with DeepSpeed/ZeRO. Under torchrun, "
@@ -49,7 +54,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--nproc-per-node", type=int, default=None,
                    help="ranks to start on this machine when no launcher started us")
+    p.add_argument("--backend", choices=["local", "ray"], default="local",
+                   help="how to start ranks when no launcher did: local (torchrun on this machine) or ray "
+                   "(Ray Train TorchTrainer workers; embedded Ray, or the cluster at RAY_ADDRESS)")
+    p.add_argument("--num-workers", type=int, default=None, metavar="N",
+                   help="--backend ray: ranks in total (default: launch.nodes × ranks per node)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+    p = sub.add_parser("consolidate", help="rebuild a checkpoint's full fp32 weights from its DeepSpeed state",
+                       description="Merges the ZeRO partitions of a committed checkpoint (DeepSpeed's "
+                       "zero_to_fp32) into one safetensors file, after checking it bit for bit against the "
+                       "checkpoint's model.safetensors.")
+    p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its newest checkpoint)")
+    p.add_argument("out", help="the .safetensors file to write")
 
     p = sub.add_parser("eval", help="evaluate committed checkpoints (the newest, or --watch: each new one)",
                        description="Scores a committed checkpoint (loss, perplexity and token accuracy per "
@@ -154,18 +171,21 @@ def cmd_prepare(args) -> int:
     from pipeline.data.prepare import prepare
 
     cfg = load_config(args.config, args.overrides)
-    prepare(cfg.data, ray_address=args.ray_address)
+    prepare(cfg.data, ray_address=args.ray_address, force=args.force)
     return 0
 
 
 def cmd_train(args) -> int:
     from pipeline.launch import local, lock
+    from pipeline.train.guards import TrainingHalted
 
     overrides = list(args.overrides)
     if args.nproc_per_node is not None:
         overrides.append(f"train.nproc_per_node={args.nproc_per_node}")
     cfg = load_config(args.config, overrides)
     lease = (cfg.run_dir, cfg.launch.lock_lease_s, cfg.launch.lock_heartbeat_s)
+    if args.backend == "ray" and not local.under_launcher():
+        return local.run_ray(cfg, args.num_workers)  # the driver takes the run lock
     if local.under_launcher():
         # started by our own torchrun: die with it, never run on orphaned
         if os.environ.get(lock.HELD_ENV) and not local.die_with_parent("torch.distributed.run"):
@@ -176,6 +196,9 @@ def cmd_train(args) -> int:
         with lock.rank_lock(*lease):
             try:
                 train(cfg)
+            except TrainingHalted as exc:
+                print(f"pretrain train: stopped: {exc}", file=sys.stderr)
+                return EXIT_HALTED
             finally:
                 if dist.is_initialized():
                     dist.destroy_process_group()
@@ -184,18 +207,29 @@ def cmd_train(args) -> int:
     spent = lock.budget_spent(cfg)  # a scheduled firing after the last step
     if spent:
         print(f"pretrain train: {spent}")
+        from pipeline.train import checkpoint as ckpt
+
+        with contextlib.suppress(lock.RunLocked), lock.run_lock(*lease):  # a crash after the last commit
+            ckpt.tidy(Path(cfg.run_dir) / "checkpoints", cfg.checkpoint.keep_last, cfg.checkpoint.keep_every_steps)
         return 0
     with lock.run_lock(*lease) as held:  # raises RunLocked while another trainer's lease is live
         if held.took_over is not None:
             print(f"pretrain train: took over a stale run lock of pid {held.took_over.pid} on "
                   f"{held.took_over.host}")
         if cfg.train.nproc_per_node > 1:
+            from pipeline.security import verify_inputs
+
+            verify_inputs(cfg)  # a corrupt shard or checkpoint: one line here, not a torchrun traceback
             os.environ[lock.HELD_ENV] = held.token  # our ranks must not take it again
             try:
                 return local.run_torchrun(cfg)
             finally:
                 os.environ.pop(lock.HELD_ENV, None)
-        local.run_single_process(cfg)
+        try:
+            local.run_single_process(cfg)
+        except TrainingHalted as exc:
+            print(f"pretrain train: stopped: {exc}", file=sys.stderr)
+            return EXIT_HALTED
     return 0
 
 
@@ -282,6 +316,13 @@ def cmd_plan(args) -> int:
     return run_plan(cfg, world, args.mfu, args.peak_tflops)
 
 
+def cmd_consolidate(args) -> int:
+    from pipeline.train.consolidate import consolidate
+
+    consolidate(args.checkpoint, args.out)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from pipeline.demo import run_demo
 
@@ -293,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     handler = {"prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval, "export": cmd_export,
                "report": cmd_report, "status": cmd_status,
                "submit": cmd_submit, "plan": cmd_plan,
-               "demo": cmd_demo}[args.command]
+               "demo": cmd_demo, "consolidate": cmd_consolidate}[args.command]
     from pipeline.data.manifest import ManifestError
     from pipeline.data.prepare import PrepareError
     from pipeline.data.shards import ShardError

@@ -5,7 +5,9 @@ silently ignored. The DeepSpeed JSON is generated from this tree (``train/engine
 write it by hand.
 
 A YAML file may name other files under ``base:`` (paths relative to that file); they are merged
-first, in order, and the file's own keys win. ``--set a.b=value`` overrides are applied last, with
+first, in order, and the file's own keys win. A base must resolve (symlinks followed) inside the
+folder of the config named on the command line or inside the bundled ``configs/`` presets: a
+config from elsewhere cannot make the loader read, and echo in its errors, any file on the machine. ``--set a.b=value`` overrides are applied last, with
 ``value`` parsed as YAML (``--set train.max_steps=10``, ``--set optim.betas=[0.9,0.95]``).
 """
 
@@ -13,19 +15,37 @@ from __future__ import annotations
 
 import copy
 import os
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
     """A user mistake in a config: the message names the file and the field."""
 
 
+PRESETS_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _accepts_bool(annotation) -> bool:
+    return annotation is bool or annotation is Any or any(_accepts_bool(a) for a in typing.get_args(annotation))
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    # inf/nan never make sense here (an infinite lr or grace period passes a `gt=0` bound)
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value, info):
+        """YAML reads true/yes/on as booleans, which pydantic would quietly turn into 1 or 1.0."""
+        if isinstance(value, bool) and not _accepts_bool(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"expected a number or text, got the boolean {value} (YAML reads yes/no/on/off "
+                             f"as booleans)")
+        return value
 
 
 class SourceConfig(Section):
@@ -152,6 +172,13 @@ class DataConfig(Section):
         "large file over more workers. Does not change the output.",
     )
 
+    @field_validator("output_dir")
+    @classmethod
+    def _not_blank(cls, path: str) -> str:
+        if not path.strip():
+            raise ValueError("must name a directory (an empty path would write into the working directory)")
+        return path
+
     @model_validator(mode="after")
     def _unique_names(self) -> DataConfig:
         names = [s.resolved_name for s in self.sources]
@@ -243,6 +270,13 @@ class OptimConfig(Section):
     eps: float = Field(1e-8, gt=0.0, description="Adam epsilon.")
     grad_clip: float = Field(1.0, ge=0.0, description="Max global grad norm (0: no clipping).")
 
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"each Adam beta must be in [0, 1), got {list(betas)}")
+        return betas
+
 
 class TrainConfig(Section):
     """The training run: batch geometry, length, DeepSpeed/ZeRO, guards and metrics."""
@@ -301,6 +335,13 @@ class TrainConfig(Section):
         None, gt=0.0, description="Dense peak TFLOP/s of one device at the training precision, for MFU "
         "(None: looked up for known GPUs, e.g. 989 for an H100 in bf16; on CPU MFU is not reported).",
     )
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_in_range(cls, seed: int) -> int:
+        if not 0 <= seed < 2**63:  # numpy's SeedSequence needs ≥ 0, torch.manual_seed < 2**64
+            raise ValueError(f"must be in [0, 2**63), got {seed}")
+        return seed
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
@@ -440,6 +481,13 @@ class PipelineConfig(Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
 
+    @field_validator("run_dir")
+    @classmethod
+    def _run_dir_not_blank(cls, path: str) -> str:
+        if not path.strip():
+            raise ValueError("must name a directory (an empty path would write into the working directory)")
+        return path
+
     @model_validator(mode="after")
     def _consistent(self) -> PipelineConfig:
         if self.model.arch == "bert" and self.data.tokenizer.type != "wordpiece" and not self.data.tokenizer.path:
@@ -485,7 +533,7 @@ def _deep_merge(base: dict, top: dict) -> dict:
     return out
 
 
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+def _read_yaml(path: Path, seen: tuple[Path, ...] = (), roots: tuple[Path, ...] = ()) -> dict:
     path = path.resolve()
     if path in seen:
         raise ConfigError(f"{path}: `base` includes itself (cycle through {[str(p) for p in seen]})")
@@ -493,17 +541,26 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
         raise ConfigError(f"config file not found: {path}")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    except yaml.YAMLError as exc:  # one line, and no echo of the file's text
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping, got {type(raw).__name__}")
     bases = raw.pop("base", []) or []
     if isinstance(bases, str):
         bases = [bases]
+    roots = roots or (path.parent, PRESETS_DIR.resolve())
     merged: dict = {}
     for base in bases:
         base_path = (path.parent / str(base)).resolve()
-        merged = _deep_merge(merged, _read_yaml(base_path, seen + (path,)))
+        if not any(base_path.is_relative_to(r) for r in roots):
+            raise ConfigError(
+                f"{path}: base {str(base)!r} resolves to {base_path}, outside the config's folder {roots[0]} "
+                f"and the bundled presets {roots[1]}; copy the file into one of them"
+            )
+        merged = _deep_merge(merged, _read_yaml(base_path, seen + (path,), roots))
     return _deep_merge(merged, raw)
 
 

@@ -93,10 +93,15 @@ def lsh_params(threshold: float, num_perm: int, bands: int | None = None) -> tup
     for b in range(1, num_perm + 1):
         r = num_perm // b
         p = 1.0 - (1.0 - s**r) ** b  # probability that two documents of similarity s share a band
-        err = np.trapezoid(p[below], s[below]) + 4.0 * np.trapezoid(1.0 - p[above], s[above])
+        err = _area(p[below], s[below]) + 4.0 * _area(1.0 - p[above], s[above])
         if err < best_err - 1e-12:
             best, best_err = (b, r), err
     return best
+
+
+def _area(y: np.ndarray, x: np.ndarray) -> float:
+    """Trapezoid rule (np.trapezoid is numpy 2 only)."""
+    return float(((y[1:] + y[:-1]) * np.diff(x)).sum() / 2) if len(x) > 1 else 0.0
 
 
 def band_keys(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
@@ -186,6 +191,10 @@ def _bucket_rows(batch: dict, dedup: dict) -> dict:
     return {"key": keys.reshape(-1), "one": np.ones(keys.size, dtype=np.int8)}
 
 
+def _shared_keys(batch: dict) -> dict:
+    return {"key": batch["key"][batch["count()"] > 1]}
+
+
 def _colliding_docs(batch: dict, dedup: dict, colliding_ref) -> dict:
     import ray
 
@@ -214,7 +223,8 @@ def find_duplicates(meta, cfg: DedupConfig, num_partitions: int) -> list[Duplica
     dedup = cfg.model_dump()
     buckets = meta.map_batches(_bucket_rows, fn_kwargs={"dedup": dedup}, batch_format="numpy", batch_size=None)
     counts = buckets.groupby("key", num_partitions=num_partitions).aggregate(Count())
-    colliding = [b["key"][b["count()"] > 1] for b in counts.iter_batches(batch_size=65536, batch_format="numpy")]
+    shared = counts.map_batches(_shared_keys, batch_format="numpy", batch_size=None)  # filtered in the workers
+    colliding = [b["key"] for b in shared.iter_batches(batch_size=65536, batch_format="numpy")]
     colliding = np.unique(np.concatenate(colliding)) if colliding else np.zeros(0, np.int64)
     if not len(colliding):
         return []

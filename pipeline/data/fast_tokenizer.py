@@ -25,7 +25,8 @@ GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|
 
 PROBE_TEXTS = (
     "Hello, world! It's the cat's toy; they'll say we've I'm you'd THEY'RE O'Neil's.",
-    "  leading and trailing spaces   \n\n\n  \t\ttabs\r\nwindows\rcr \x0b\x0c \u00a0nbsp \u3000ideographic",
+    "  leading and trailing spaces   \n\n\n  \t\ttabs\r\nwindows\rcr \x0b\x0c",
+    " \u00a0nbsp \u3000ideographic \u2028line separator \x85next line \u200bzero width",
     "digits 0 12 345 6789 1,234.56 1e-9 ٣٤٥ ¾ Ⅻ 𝟙𝟚",
     "emoji 👩‍👩‍👧‍👦 🏳️‍🌈 👍🏽 ❤️ combining é vs é, Ǆ ǅ ǆ; ﬁ ligature",
     "中文文本，日本語のテキスト、한국어 텍스트. العربية עברית ไทย देवनागरी",
@@ -35,6 +36,9 @@ PROBE_TEXTS = (
 )
 
 
+_HUGE_CHARS = 1 << 22
+
+
 class NotConvertible(ValueError):
     """The tokenizer cannot be encoded with tiktoken exactly; `tokenizers` is used instead."""
 
@@ -42,7 +46,7 @@ class NotConvertible(ValueError):
 @functools.cache
 def _byte_decoder() -> dict[str, int]:
     """GPT-2's bytes_to_unicode, inverted: printable stand-in character → byte."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -112,9 +116,13 @@ class Encoder:
         self.hf = hf_tokenizer(tokenizer_json)
         self.fast = tiktoken_encoding(self.hf) if kind == "tiktoken" else None
 
-    def encode(self, texts: list[str]) -> list[list[int]]:
+    def encode(self, texts: list[str]) -> list:
+        """One id sequence (a list, or a uint32 array for a huge document) per text."""
         if self.fast is not None:
-            return [self.fast.encode_ordinary(t) for t in texts]
+            # encode_to_numpy skips the Python int per token (GBs for a 100 MB document); no special
+            # token is allowed, so their text is encoded as text, as encode_ordinary does
+            return [self.fast.encode_ordinary(t) if len(t) < _HUGE_CHARS else
+                    self.fast.encode_to_numpy(t, allowed_special=set(), disallowed_special=()) for t in texts]
         return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
 
 
@@ -151,7 +159,7 @@ def choose_encoder(tokenizer_json: str, sample_texts, allow_fast: bool = True) -
     return "tiktoken", f"identical to tokenizers on {len(PROBE_TEXTS)} probes and {len(sample)} sampled documents"
 
 
-def ids_array(ids: list[int], eod_id: int, dtype) -> np.ndarray:
+def ids_array(ids, eod_id: int, dtype) -> np.ndarray:
     """A document's ids with the end-of-document id appended, in the shard dtype."""
     out = np.empty(len(ids) + 1, dtype=dtype)
     out[:-1] = ids

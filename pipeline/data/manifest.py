@@ -47,6 +47,12 @@ def verify_manifest(root: str | Path) -> dict:
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
         raise ManifestError(f"{path}: lists no files")
+    read = [f"{prefix}.{ext}" for split in (manifest.get("splits") or {}).values()
+            for src in (split.get("sources") or {}).values() for prefix in src.get("shards", [])
+            for ext in ("bin", "idx")] + [f for f in [(manifest.get("tokenizer") or {}).get("file")] if f]
+    unhashed = [name for name in read if name not in files]
+    if unhashed:  # a shard named in `splits` but absent from `files` would be read unverified
+        raise ManifestError(f"{path}: {unhashed[0]!r} is read by training but has no sha256 in `files`")
     for name, expected in files.items():
         file = _safe_child(root, name)
         if not file.is_file():

@@ -1,14 +1,20 @@
-"""`pretrain prepare`: raw jsonl → quarantine + tokenizer → tokenized, packed, verified shards.
+"""`pretrain prepare`: raw corpora → dedup, tokenizer → quarantine and tokenized, verified shards.
 
-Ray Data does the reading and the tokenizing; the driver only streams rows through in a fixed
-order (``preserve_order``) so the output is the same whatever the number of workers, and writes
-the shards as they arrive, so its memory does not grow with the corpus.
+Three stages, each skipped when its fingerprint still matches (see stages.py):
+
+    dedup      read → clean → MinHash → duplicates      duplicates.jsonl (only when data.dedup is on)
+    tokenizer  train on the kept documents              tokenizer.json (or a copy of data.tokenizer.path)
+    shards     read → clean → quarantine / drop duplicates / encode → shards, quarantine.jsonl, manifest.json
+
+Ray Data does the reading, cleaning, MinHash signatures and encoding in workers. The driver only
+streams results through in a fixed order (``preserve_order``), so the output is byte-identical
+whatever the number of workers or blocks, and writes them as they arrive, so its memory does not
+grow with the corpus. Nothing is lost silently: for every source, documents in = kept +
+quarantined + deduplicated, checked before the manifest is written.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
 import os
 import shutil
@@ -20,12 +26,20 @@ import numpy as np
 
 import pipeline
 from pipeline.config import ConfigError, DataConfig
-from pipeline.data.manifest import MANIFEST, write_manifest
-from pipeline.data.shards import RollingShardWriter, sha256_file, token_dtype
-from pipeline.data.sources import read_jsonl
-from pipeline.data.tokenizer import load_tokenizer, special_ids, train_tokenizer
+from pipeline.data import workers
+from pipeline.data.clean import clean_text
+from pipeline.data.dedup import find_duplicates
+from pipeline.data.fast_tokenizer import choose_encoder
+from pipeline.data.manifest import MANIFEST, ManifestError, verify_manifest, write_manifest
+from pipeline.data.shards import RollingShardWriter, token_dtype
+from pipeline.data.sources import (
+    SourceFile, doc_ids, list_source_files, position_unit, read_file, split_doc_id, split_doc_ids,
+)
+from pipeline.data.stages import Progress, fingerprints, load_stage, save_stage, summary_table
+from pipeline.data.tokenizer import TokenizerError, load_tokenizer, special_ids, train_tokenizer
 
 SPLITS = ("train", "validation")
+QUARANTINE, DUPLICATES, TOKENIZER = "quarantine.jsonl", "duplicates.jsonl", "tokenizer.json"
 
 
 class PrepareError(ValueError):
@@ -45,188 +59,316 @@ def init_ray(num_cpus: int | None = None, address: str | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        # "local": a new instance even if `ray start` left a cluster on this machine (plain
+        # ray.init() would join that one, and then refuse num_cpus)
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+                 log_to_driver=False)
 
 
-def _read_source(item: dict) -> list[dict]:
-    # empty strings, not None: Arrow turns an all-null column into float NaN
-    return [
-        {"source": r.source, "line": r.line, "text": r.text or "", "reason": r.reason or "", "raw": r.raw or ""}
-        for r in read_jsonl(item["path"], item["source"], item["text_field"])
-    ]
+class _Corpus:
+    """The files of every source and how to read and name their records."""
+
+    def __init__(self, cfg: DataConfig):
+        if not cfg.sources:
+            raise ConfigError("data.sources: no sources configured; add at least one path")
+        self.cfg = cfg
+        self.files = [f for i, s in enumerate(cfg.sources) for f in list_source_files(s, i)]
+        self.by_id = {(f.source, f.index): f for f in self.files}
+        self.names = [s.resolved_name for s in cfg.sources]
+
+    def items(self) -> list[dict]:
+        return [{"source": f.source, "file": f.index, "path": str(Path(f.path).resolve()), "format": f.format,
+                 "part": f.part or "", "text_field": self.cfg.sources[f.source].text_field,
+                 "text_unit": self.cfg.sources[f.source].text_unit} for f in self.files]
+
+    def records(self):
+        """Ray Dataset of every raw record: doc_id, text, reason, raw."""
+        import ray
+
+        # At most one read task per file. A concurrency of its own also keeps Ray Data from fusing
+        # reading with the next operator, which would then process a whole file in one task.
+        return ray.data.from_items(self.items(), override_num_blocks=len(self.files)).map_batches(
+            workers.read_batches, batch_size=1, fn_kwargs={"block_bytes": self.cfg.block_bytes},
+            concurrency=len(self.files),
+        )
+
+    def where(self, doc_id: int) -> dict:
+        """A record's place for the quarantine and duplicates files: its file and position in it."""
+        source, file, pos = split_doc_id(doc_id)
+        sf: SourceFile = self.by_id[source, file]
+        unit = position_unit(sf.format, self.cfg.sources[source].text_unit)
+        return {"file": sf.label, unit: pos} if unit != "file" else {"file": sf.label}
+
+    def source_name(self, doc_id: int) -> str:
+        return self.names[split_doc_id(doc_id)[0]]
+
+    def source_path(self, doc_id: int) -> str:
+        return self.cfg.sources[split_doc_id(doc_id)[0]].path
 
 
-@functools.lru_cache(maxsize=2)
-def _cached_tokenizer(tokenizer_json: str):
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_str(tokenizer_json)
-
-
-def _tokenize_batch(batch: dict, tokenizer_json: str, eod_id: int) -> dict:
-    """Tokenize the good records of a batch (quarantined ones were accounted for in pass 1)."""
-    tok = _cached_tokenizer(tokenizer_json)
-    good = [i for i, reason in enumerate(batch["reason"]) if not reason]
-    encodings = tok.encode_batch([str(batch["text"][i]) for i in good], add_special_tokens=False)
-    ids = [np.array(e.ids + [eod_id], dtype=np.int64) for e in encodings]
-    return {"source": batch["source"][good], "line": batch["line"][good], "ids": ids}
-
-
-def _fingerprint(cfg: DataConfig) -> str:
-    """Inputs and config that decide the output; a re-run with the same one does no work."""
-    h = hashlib.sha256()
-    # blend weights and Ray's CPU count do not change the shards
-    decided = cfg.model_dump(mode="json", exclude={"num_cpus": True, "sources": {"__all__": {"weight"}}})
-    h.update(json.dumps(decided, sort_keys=True).encode())
-    for src in cfg.sources:
-        h.update(sha256_file(src.path).encode())
-    if cfg.tokenizer.path:
-        h.update(sha256_file(cfg.tokenizer.path).encode())
-    h.update(pipeline.__version__.encode())
-    return h.hexdigest()
-
-
-def _is_current(out: Path, fingerprint: str) -> bool:
-    from pipeline.data.manifest import ManifestError, verify_manifest
-
-    try:
-        manifest = verify_manifest(out)
-    except ManifestError:
-        return False
-    return manifest.get("fingerprint") == fingerprint
-
-
-def prepare(cfg: DataConfig, ray_address: str | None = None, log=print) -> dict:
-    """Run the whole data stage; returns the manifest written to ``output_dir/manifest.json``."""
+def _dedup(corpus: _Corpus, out: Path, fingerprint: str, log) -> dict:
+    """read → clean → MinHash in workers; find duplicates on Ray; write duplicates.jsonl."""
     import ray
 
-    if not cfg.sources:
-        raise ConfigError("data.sources: no sources configured; add at least one jsonl path")
-    for i, src in enumerate(cfg.sources):
-        if not Path(src.path).is_file():
-            raise ConfigError(f"data.sources.{i}.path: no such file: {src.path}")
-    out = Path(cfg.output_dir)
-    fingerprint = _fingerprint(cfg)
-    if _is_current(out, fingerprint):
-        log(f"prepare: {out} is up to date (same inputs and config); nothing to do")
-        return json.loads((out / MANIFEST).read_text())
-    out.mkdir(parents=True, exist_ok=True)
-    for split in SPLITS:  # shards of an earlier, different run
-        shutil.rmtree(out / split, ignore_errors=True)
-    (out / MANIFEST).unlink(missing_ok=True)  # invalid until this run finishes
+    cfg, n = corpus.cfg, len(corpus.names)
     t0 = time.time()
-    init_ray(cfg.num_cpus, ray_address)
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True
+    log(f"dedup: reading, cleaning and hashing {len(corpus.files):,} files of {n} sources")
+    meta = corpus.records().map_batches(
+        workers.scan_batch, batch_format="numpy", batch_size=None,
+        fn_kwargs={"clean": cfg.clean.model_dump(), "dedup": cfg.dedup.model_dump()},
+    ).materialize()  # small rows (no text) that find_duplicates reads twice
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    duplicates = find_duplicates(meta, cfg.dedup, num_partitions=max(1, min(64, cpus)))
+    exact, near = np.zeros(n, np.int64), np.zeros(n, np.int64)
+    with open(out / (DUPLICATES + ".tmp"), "w", encoding="utf-8") as f:
+        for d in duplicates:
+            (exact if d.kind == "exact" else near)[split_doc_id(d.doc_id)[0]] += 1
+            first = {"doc_id": d.duplicate_of, "source_name": corpus.source_name(d.duplicate_of),
+                     **corpus.where(d.duplicate_of)}
+            f.write(json.dumps({"doc_id": d.doc_id, "source_name": corpus.source_name(d.doc_id),
+                                **corpus.where(d.doc_id), "kind": d.kind, "similarity": round(d.similarity, 4),
+                                "duplicate_of": first}, ensure_ascii=False) + "\n")
+    os.replace(out / (DUPLICATES + ".tmp"), out / DUPLICATES)
+    log(f"dedup: {len(duplicates):,} duplicates ({int(exact.sum()):,} exact, {int(near.sum()):,} near) "
+        f"among {meta.count():,} records ({time.time() - t0:.1f}s)")
+    return save_stage(out, "dedup", fingerprint, [DUPLICATES], seconds=time.time() - t0,
+                      exact=exact.tolist(), near=near.tolist())
 
-    items = [
-        {"source": i, "path": str(Path(s.path).resolve()), "text_field": s.text_field}
-        for i, s in enumerate(cfg.sources)
-    ]
-    records = ray.data.from_items(items).flat_map(_read_source)
 
-    # Pass 1: quarantine bad records, count, and train the tokenizer on the good ones.
-    seen = Counter()
-    kept = Counter()
-    reasons = Counter()
-    quarantine_path = out / "quarantine.jsonl"
-    limit = cfg.tokenizer.train_sample_docs
+def _removed_ids(out: Path) -> np.ndarray:
+    """Sorted doc ids of the duplicates found by the dedup stage."""
+    with open(out / DUPLICATES, encoding="utf-8") as f:
+        return np.sort(np.array([json.loads(line)["doc_id"] for line in f], dtype=np.int64))
 
-    def good_texts():
-        with open(quarantine_path, "w", encoding="utf-8") as q:
-            for row in records.iter_rows():
-                seen[row["source"]] += 1
-                if row["reason"]:
-                    reasons[row["reason"].split(":")[0]] += 1
-                    q.write(json.dumps({
-                        "source": cfg.sources[row["source"]].path, "line": row["line"],
-                        "reason": row["reason"], "excerpt": row["raw"],
-                    }) + "\n")
-                    continue
-                kept[row["source"]] += 1
-                if limit is None or sum(kept.values()) <= limit:
-                    yield row["text"]
 
-    tok_cfg = cfg.tokenizer
+def _tokenizer(corpus: _Corpus, out: Path, fingerprint: str, removed_ref, log) -> dict:
+    """Train on the kept documents streamed through the driver (or copy data.tokenizer.path)."""
+    tok_cfg = corpus.cfg.tokenizer
+    t0 = time.time()
     if tok_cfg.path:
         tokenizer = load_tokenizer(tok_cfg.path)
-        for _ in good_texts():  # still account for and quarantine every record
-            pass
     else:
-        tokenizer = train_tokenizer(good_texts(), tok_cfg)
-    if sum(seen.values()) != sum(kept.values()) + sum(reasons.values()):
-        raise RuntimeError("prepare: record accounting does not add up (records != kept + quarantined)")
-    if not kept:
-        raise PrepareError(f"prepare: no usable documents in {[s.path for s in cfg.sources]}; see {quarantine_path}")
-    specials = special_ids(tokenizer, tok_cfg)
-    tokenizer_path = out / "tokenizer.json"
-    tokenizer.save(str(tokenizer_path))
-    vocab_size = tokenizer.get_vocab_size()
-    dtype = token_dtype(vocab_size)
-    log(f"prepare: tokenizer {'loaded' if tok_cfg.path else 'trained'} ({tok_cfg.type}, vocabulary "
-        f"{vocab_size}), {sum(kept.values())} documents kept, {sum(reasons.values())} quarantined")
+        log("tokenizer: training on the kept documents")
+        kept = corpus.records().map_batches(workers.kept_texts, batch_format="numpy", batch_size=None, fn_kwargs={
+            "clean": corpus.cfg.clean.model_dump(), "removed_ref": removed_ref})
+        progress = Progress("tokenizer", log)
 
-    # Pass 2: tokenize in Ray workers, append end-of-document, stream into per-source split shards.
-    tokenized = records.map_batches(
-        _tokenize_batch, fn_kwargs={"tokenizer_json": tokenizer.to_str(), "eod_id": specials["eod"]},
-        batch_size=256,
-    )
-    every = max(2, round(1 / cfg.validation_fraction))
-    names = [s.resolved_name for s in cfg.sources]
-    writers = {
-        (split, i): RollingShardWriter(out, split, names[i], dtype, cfg.shard_max_tokens)
-        for split in SPLITS for i in range(len(names))
-    }
-    n = 0
+        def texts():
+            for i, row in enumerate(kept.iter_rows()):
+                if tok_cfg.train_sample_docs is not None and i >= tok_cfg.train_sample_docs:
+                    return
+                progress.update(1)
+                yield row["text"]
+
+        tokenizer = train_tokenizer(texts(), tok_cfg)
     try:
-        for batch in tokenized.iter_batches(batch_size=1024, batch_format="numpy"):
-            for source, ids in zip(batch["source"], batch["ids"]):
-                split = "validation" if n % every == every - 1 else "train"
-                writers[split, int(source)].add_document(ids)
-                n += 1
+        special_ids(tokenizer, tok_cfg)
+    except TokenizerError as exc:
+        raise ConfigError(f"data.tokenizer: {exc}") from None
+    tokenizer.save(str(out / TOKENIZER))
+    log(f"tokenizer: {'loaded' if tok_cfg.path else 'trained'} {tok_cfg.type}, vocabulary "
+        f"{tokenizer.get_vocab_size():,} ({time.time() - t0:.1f}s)")
+    return save_stage(out, "tokenizer", fingerprint, [TOKENIZER], seconds=time.time() - t0)
+
+
+def _sample_texts(corpus: _Corpus, removed: np.ndarray, per_source_chars: int = 1 << 17) -> list[str]:
+    """The first kept documents of each source (about ``per_source_chars`` of text each), read on the
+    driver, to check the fast encoder on."""
+    sample, removed_set = [], set(removed.tolist())
+    for source, src in enumerate(corpus.cfg.sources):
+        chars = seen = 0
+        for rec in (r for f in corpus.files if f.source == source for r in read_file(f, src.text_field, src.text_unit)):
+            seen += 1
+            if chars >= per_source_chars or seen > 1000:
+                break
+            if rec.reason or int(doc_ids(rec.source, rec.file, [rec.line])[0]) in removed_set:
+                continue
+            text, reason = clean_text(rec.text, corpus.cfg.clean)
+            if not reason:
+                sample.append(text[: per_source_chars - chars])
+                chars += len(sample[-1])
+    return sample
+
+
+class _Counts:
+    """Per-source tallies of the shards pass: the accounting identity is checked on these."""
+
+    def __init__(self, n: int):
+        self.records, self.quarantined, self.duplicates = (np.zeros(n, np.int64) for _ in range(3))
+        self.by_reason: Counter = Counter()
+
+
+def _shards(corpus: _Corpus, out: Path, removed: np.ndarray, removed_ref, log) -> tuple[dict, _Counts, dict]:
+    """read → clean → drop → encode in workers; the driver writes quarantine.jsonl and appends each
+    kept document to its source's shard of its split (every k-th kept document → validation)."""
+    cfg, names = corpus.cfg, corpus.names
+    tokenizer = load_tokenizer(out / TOKENIZER)
+    specials = special_ids(tokenizer, cfg.tokenizer)
+    dtype = token_dtype(tokenizer.get_vocab_size())
+    kind, why = choose_encoder(tokenizer.to_str(), _sample_texts(corpus, removed), cfg.tokenizer.fast_encoder)
+    log(f"shards: encoding with {kind} ({why})")
+    encoded = corpus.records().map_batches(workers.encode_batch, batch_format="numpy", batch_size=None, fn_kwargs={
+        "clean": cfg.clean.model_dump(), "removed_ref": removed_ref, "tokenizer_json": tokenizer.to_str(),
+        "kind": kind, "eod_id": specials["eod"], "dtype": dtype.str})
+    for split in SPLITS:  # shards of an earlier, different run
+        shutil.rmtree(out / split, ignore_errors=True)
+    every = max(2, round(1 / cfg.validation_fraction))
+    writers = {(split, i): RollingShardWriter(out, split, names[i], dtype, cfg.shard_max_tokens)
+               for split in SPLITS for i in range(len(names))}
+    counts, n = _Counts(len(names)), 0
+    progress = Progress("shards", log)
+    try:
+        with open(out / (QUARANTINE + ".tmp"), "w", encoding="utf-8") as q:
+            for b in encoded.iter_batches(batch_size=None, batch_format="numpy"):
+                source = split_doc_ids(b["doc_id"])[0]
+                counts.records += np.bincount(source, minlength=len(names))
+                counts.duplicates += np.bincount(source[b["duplicate"]], minlength=len(names))
+                tokens = 0
+                for i in range(len(source)):
+                    if b["reason"][i]:
+                        _quarantine(q, corpus, counts, int(b["doc_id"][i]), str(b["reason"][i]), str(b["raw"][i]))
+                    elif not b["duplicate"][i]:
+                        split = "validation" if n % every == every - 1 else "train"
+                        writers[split, int(source[i])].add_document(b["ids"][i])
+                        n += 1
+                        tokens += len(b["ids"][i])
+                progress.update(len(source), tokens)
+        os.replace(out / (QUARANTINE + ".tmp"), out / QUARANTINE)
     finally:
         for w in writers.values():
             w.close()
+    if n == 0:
+        raise PrepareError(f"prepare: no usable documents: all {int(counts.records.sum()):,} records were quarantined "
+                           f"or duplicates; see {out / QUARANTINE} and {out / DUPLICATES}")
     for split in SPLITS:
         if sum(writers[split, i].num_tokens for i in range(len(names))) < 2:
-            raise PrepareError(
-                f"prepare: the {split} split is empty ({n} documents kept); add documents or "
-                f"raise data.validation_fraction"
-            )
+            raise PrepareError(f"prepare: the {split} split is empty ({n} documents kept); add documents or "
+                               f"raise data.validation_fraction; see {out / QUARANTINE}")
+    info = {"seconds": progress.seconds, "tokens": progress.tokens, "encoder": kind, "encoder_note": why,
+            "vocab_size": tokenizer.get_vocab_size(), "specials": specials, "dtype": dtype.name}
+    return writers, counts, info
+
+
+def _quarantine(q, corpus: _Corpus, counts: _Counts, doc_id: int, reason: str, raw: str) -> None:
+    counts.by_reason[reason.split(": ", 1)[0]] += 1
+    counts.quarantined[split_doc_id(doc_id)[0]] += 1
+    q.write(json.dumps({"source": corpus.source_path(doc_id), **corpus.where(doc_id), "reason": reason,
+                        "excerpt": raw}, ensure_ascii=False) + "\n")
+
+
+def _is_current(out: Path, fingerprint: str) -> bool:
+    try:
+        return verify_manifest(out).get("fingerprint") == fingerprint
+    except ManifestError:
+        return False
+
+
+def _stage(out: Path, name: str, fingerprint: str, force: bool, run, log) -> dict:
+    """The stage's completion record: reused when its fingerprint matches, else run it."""
+    record = None if force else load_stage(out, name, fingerprint)
+    if record:
+        log(f"{name}: reused (its inputs and config are unchanged)")
+        return {**record, "seconds": "reused"}
+    return run()
+
+
+def prepare(cfg: DataConfig, ray_address: str | None = None, log=print, force: bool = False) -> dict:
+    """Run the data stages; returns the manifest written to ``output_dir/manifest.json``."""
+    import ray
+
+    t0 = time.time()
+    corpus = _Corpus(cfg)
+    out = Path(cfg.output_dir)
+    fps = fingerprints(cfg, corpus.files)
+    if not force and _is_current(out, fps["shards"]):
+        log(f"prepare: {out} is up to date (same inputs and config); nothing to do")
+        return json.loads((out / MANIFEST).read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)  # invalid until this run finishes
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")  # Ray Data's INFO lines would drown ours
+    init_ray(cfg.num_cpus, ray_address)
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.target_max_block_size = cfg.block_bytes
+    ctx.enable_progress_bars = False  # Progress logs instead
+    # Reserving CPUs per operator would keep some from the encoder while the (light) reader idles;
+    # backpressure on object-store memory still bounds what is in flight.
+    ctx.op_resource_reservation_enabled = False
+    # dedup's groupby: the task-based sort shuffle starts no aggregator actors (seconds each), which
+    # makes it several times faster here; Ray suggests its push-based variant beyond ~1 TB
+    ctx.shuffle_strategy = ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+
+    n = len(corpus.names)
+    if cfg.dedup.exact or cfg.dedup.near:
+        dedup = _stage(out, "dedup", fps["dedup"], force, lambda: _dedup(corpus, out, fps["dedup"], log), log)
+    else:
+        (out / DUPLICATES).write_text("")
+        dedup = {"seconds": "off", "exact": [0] * n, "near": [0] * n}
+    removed = _removed_ids(out)
+    removed_ref = ray.put(removed)
+    tok = _stage(out, "tokenizer", fps["tokenizer"], force,
+                 lambda: _tokenizer(corpus, out, fps["tokenizer"], removed_ref, log), log)
+    writers, counts, info = _shards(corpus, out, removed, removed_ref, log)
+    manifest = _manifest(corpus, fps, dedup, tok, writers, counts, info, time.time() - t0)
+    files = [TOKENIZER, QUARANTINE, DUPLICATES] + [f for w in writers.values() for f in w.files()]
+    write_manifest(out, manifest, files)
+    log("prepare: done\n" + summary_table(manifest))
+    return manifest
+
+
+def _manifest(corpus: _Corpus, fps: dict, dedup: dict, tok: dict, writers: dict, counts: _Counts, info: dict,
+              seconds: float) -> dict:
+    cfg, names = corpus.cfg, corpus.names
+    sources = []
+    for i, s in enumerate(cfg.sources):
+        kept = sum(writers[split, i].documents for split in SPLITS)
+        found = dedup["exact"][i] + dedup["near"][i]
+        if int(counts.duplicates[i]) != found or counts.records[i] != kept + counts.quarantined[i] + found:
+            raise RuntimeError(
+                f"prepare: documents of source {names[i]!r} do not add up: {counts.records[i]} in, {kept} kept, "
+                f"{counts.quarantined[i]} quarantined, {counts.duplicates[i]} duplicates dropped of {found} found")
+        sources.append({
+            "name": names[i], "path": s.path, "format": sorted({f.format for f in corpus.files if f.source == i}),
+            "files": sum(1 for f in corpus.files if f.source == i), "text_field": s.text_field,
+            "records": int(counts.records[i]), "kept": kept, "quarantined": int(counts.quarantined[i]),
+            "duplicates": found, "duplicates_exact": dedup["exact"][i], "duplicates_near": dedup["near"][i],
+            "tokens": {split: writers[split, i].num_tokens for split in SPLITS},
+        })
 
     def split_info(split: str) -> dict:
         ws = [writers[split, i] for i in range(len(names))]
-        return {
-            "documents": sum(w.documents for w in ws),
-            "tokens": sum(w.num_tokens for w in ws),
-            "sources": {
-                names[i]: {"documents": w.documents, "tokens": w.num_tokens, "shards": w.shards}
-                for i, w in enumerate(ws)
-            },
-        }
+        return {"documents": sum(w.documents for w in ws), "tokens": sum(w.num_tokens for w in ws),
+                "sources": {names[i]: {"documents": w.documents, "tokens": w.num_tokens, "shards": w.shards}
+                            for i, w in enumerate(ws)}}
 
-    manifest = {
+    total = {k: sum(s[k] for s in sources) for k in ("records", "kept", "quarantined", "duplicates")}
+    return {
         "format": "megatron-mmidx",
         "code_version": pipeline.__version__,
-        "fingerprint": fingerprint,
+        "fingerprint": fps["shards"],
+        "stage_fingerprints": fps,
         "created_unix": int(time.time()),
-        "dtype": dtype.name,
-        "tokenizer": {
-            "file": "tokenizer.json", "type": tok_cfg.type, "vocab_size": vocab_size,
-            "eod_token": tok_cfg.eod, "special_ids": specials,
-        },
+        "dtype": info["dtype"],
+        "tokenizer": {"file": TOKENIZER, "type": cfg.tokenizer.type, "vocab_size": info["vocab_size"],
+                      "eod_token": cfg.tokenizer.eod, "special_ids": info["specials"], "encoder": info["encoder"],
+                      "encoder_note": info["encoder_note"]},
         "splits": {split: split_info(split) for split in SPLITS},
-        "sources": [
-            {"name": names[i], "path": s.path, "text_field": s.text_field, "records": seen[i], "kept": kept[i],
-             "quarantined": seen[i] - kept[i]}
-            for i, s in enumerate(cfg.sources)
-        ],
-        "quarantine": {"file": "quarantine.jsonl", "records": sum(reasons.values()), "by_reason": dict(reasons)},
+        "sources": sources,
+        "accounting": {"documents_in": total["records"], "kept": total["kept"],
+                       "quarantined": total["quarantined"], "deduplicated": total["duplicates"]},
+        "quarantine": {"file": QUARANTINE, "records": total["quarantined"],
+                       "by_reason": dict(sorted(counts.by_reason.items()))},
+        "dedup": {"file": DUPLICATES, "exact": sum(dedup["exact"]), "near": sum(dedup["near"]),
+                  "config": cfg.dedup.model_dump()},
+        "throughput": {
+            "seconds": round(seconds, 3),
+            "stage_seconds": {"dedup": _secs(dedup), "tokenizer": _secs(tok), "shards": _secs(info)},
+            "tokens_per_s": round(info["tokens"] / max(info["seconds"], 1e-9)),
+        },
         "config": cfg.model_dump(mode="json"),
     }
-    files = ["tokenizer.json", "quarantine.jsonl"] + [f for w in writers.values() for f in w.files()]
-    write_manifest(out, manifest, files)
-    tokens = sum(manifest["splits"][s]["tokens"] for s in SPLITS)
-    log(f"prepare: wrote {tokens} tokens in {n} documents to {out} in {time.time() - t0:.1f}s "
-        f"(train {manifest['splits']['train']['tokens']}, validation {manifest['splits']['validation']['tokens']})")
-    return manifest
+
+
+def _secs(stage: dict):
+    v = stage["seconds"]
+    return round(v, 3) if isinstance(v, float) else v

@@ -73,6 +73,12 @@ def split_doc_ids(ids) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return ids >> (_FILE_BITS + _POS_BITS), (ids >> _POS_BITS) & (MAX_FILES - 1), ids & MAX_POSITION
 
 
+def split_doc_id(doc_id: int) -> tuple[int, int, int]:
+    """(source, file, position) of one packed id."""
+    doc_id = int(doc_id)
+    return doc_id >> (_FILE_BITS + _POS_BITS), (doc_id >> _POS_BITS) & (MAX_FILES - 1), doc_id & MAX_POSITION
+
+
 def detect_format(path: str | Path) -> str:
     """Format of a file from its suffix, ignoring a .gz/.zst compression suffix."""
     suffixes = [s.lower() for s in Path(path).suffixes]
@@ -108,7 +114,8 @@ def list_source_files(src: SourceConfig, source: int) -> list[SourceFile]:
         files = [SourceFile(source, i, str(path), "hf", part) for i, part in enumerate(parts)]
     elif path.is_dir():
         found = sorted(
-            (p for p in path.rglob("*") if p.is_file() and not any(x.startswith(".") for x in p.relative_to(path).parts)),
+            (p for p in path.rglob("*")
+             if p.is_file() and not any(x.startswith(".") for x in p.relative_to(path).parts)),
             key=lambda p: p.relative_to(path).as_posix(),
         )
         if not found:
@@ -136,11 +143,12 @@ def read_file(sf: SourceFile, text_field: str = "text", text_unit: str = "file")
 
 
 def _excerpt(raw, limit: int = 200) -> str:
+    """At most ``limit`` characters of a bad record, always valid UTF-8."""
     if isinstance(raw, bytes):
         raw = raw[: limit * 4].decode("utf-8", errors="backslashreplace")
     elif not isinstance(raw, str):
         raw = repr(raw)
-    return raw[:limit]
+    return raw[:limit].encode("utf-8", errors="backslashreplace").decode("utf-8")
 
 
 def _document(value, field: str) -> tuple[str | None, str | None]:
@@ -150,6 +158,10 @@ def _document(value, field: str) -> tuple[str | None, str | None]:
     text = value.lstrip("\ufeff").replace("\x00", "")  # a BOM; NUL bytes break C tools downstream
     if not text.strip():
         return None, "empty_text"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate, e.g. from a JSON "\\ud800" escape
+        return None, f"invalid_unicode: {exc.reason} at character {exc.start}"
     return text, None
 
 

@@ -47,22 +47,21 @@ def die_with_parent(parent_marker: str) -> bool:
     ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1: PR_SET_PDEATHSIG
     try:
         return parent_marker.encode() in Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
-    except OSError:
-        return False
+    except OSError:  # cannot tell: carry on (the parent was alive a moment ago)
+        return True
 
 
-def _pdeathsig_preexec():
-    """A preexec_fn for Popen: the child dies with the calling process (resolved before fork)."""
-    import ctypes
+# Runs a command that dies with its parent: PR_SET_PDEATHSIG survives exec. (A preexec_fn could do
+# the same, but it runs between fork and exec while the lock heartbeat thread exists: it can deadlock.)
+_DIE_WITH_PARENT = ("import ctypes, os, sys; ctypes.CDLL(None).prctl(1, 9); "
+                    "os.getppid() == int(sys.argv[1]) or os._exit(1); os.execv(sys.argv[2], sys.argv[2:])")
 
-    prctl, parent = ctypes.CDLL(None, use_errno=True).prctl, os.getpid()
 
-    def preexec():
-        prctl(1, int(signal.SIGKILL))  # 1: PR_SET_PDEATHSIG
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
-
-    return preexec if sys.platform.startswith("linux") else None
+def dying_with_us(cmd: list[str]) -> list[str]:
+    """``cmd`` wrapped so that the kernel SIGKILLs it when this process dies (Linux; elsewhere as is)."""
+    if not sys.platform.startswith("linux"):
+        return cmd
+    return [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *cmd]
 
 
 def write_resolved_config(cfg: PipelineConfig) -> Path:
@@ -76,8 +75,30 @@ def write_resolved_config(cfg: PipelineConfig) -> Path:
     return path
 
 
+def child_pids(pid: int) -> list[int]:
+    """Direct children of ``pid`` (Linux /proc), e.g. the ranks torchrun started."""
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        children = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    children.append(int(stat.parent.name))
+            except (OSError, ValueError, IndexError):
+                continue
+        return children
+
+
 def run_torchrun(cfg: PipelineConfig) -> int:
-    """Run `nproc_per_node` ranks of `pretrain train` on the resolved config; forwards signals."""
+    """Run `nproc_per_node` ranks of `pretrain train` on the resolved config.
+
+    torchrun runs in its own session, so a signal sent to our process group (a terminal, `timeout`,
+    a scheduler) reaches only us, and we decide where it goes: SIGTERM and SIGUSR1 (preemption) go
+    straight to the ranks, which save, commit and exit 0, after which torchrun exits 0 as well. Had
+    torchrun itself received SIGTERM it would tear the ranks down and exit non-zero. SIGINT goes to
+    torchrun: stop now, no checkpoint.
+    """
     config_path = write_resolved_config(cfg)
     cmd = [
         sys.executable, "-m", "torch.distributed.run",
@@ -87,10 +108,15 @@ def run_torchrun(cfg: PipelineConfig) -> int:
     ]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     env.setdefault("DS_ACCELERATOR", cpu_or_cuda())
-    proc = subprocess.Popen(cmd, env=env, preexec_fn=_pdeathsig_preexec())  # torchrun dies with us
+    proc = subprocess.Popen(dying_with_us(cmd), env=env, start_new_session=True)
 
     def forward(signum, _frame):
-        proc.send_signal(signum)
+        ranks = child_pids(proc.pid) if signum != signal.SIGINT else []
+        for pid in ranks or [proc.pid]:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
     try:
@@ -115,3 +141,32 @@ def run_single_process(cfg: PipelineConfig) -> dict:
             dist.destroy_process_group()
         for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
             os.environ.pop(key, None)
+
+
+def for_ray_workers(cfg: PipelineConfig, num_workers: int | None) -> PipelineConfig:
+    """The config Ray Train workers get: absolute paths (a worker's working directory is Ray's), and
+    ``num_workers`` ranks in total as launch.nodes × ranks per node (one GPU each, or one CPU each)."""
+    launch, train = cfg.launch, cfg.train
+    if num_workers is not None:
+        if num_workers < 1:
+            from pipeline.config import ConfigError
+
+            raise ConfigError(f"--num-workers must be positive, got {num_workers}")
+        per_node = launch.gpus_per_node or 1
+        if num_workers % per_node:
+            from pipeline.config import ConfigError
+
+            raise ConfigError(f"--num-workers {num_workers} is not a multiple of launch.gpus_per_node ({per_node})")
+        launch = launch.model_copy(update={"nodes": num_workers // per_node})
+        train = train.model_copy(update={"nproc_per_node": 1})
+    data = cfg.data.model_copy(update={"output_dir": str(Path(cfg.data.output_dir).resolve())})
+    return cfg.model_copy(update={"run_dir": str(Path(cfg.run_dir).resolve()), "data": data,
+                                  "launch": launch, "train": train})
+
+
+def run_ray(cfg: PipelineConfig, num_workers: int | None) -> int:
+    """`pretrain train --backend ray`: Ray Train's TorchTrainer runs one `train()` per worker
+    (embedded Ray, or the cluster at RAY_ADDRESS); the driver holds the run lock."""
+    from pipeline.launch import ray_train
+
+    return ray_train.fit(for_ray_workers(cfg, num_workers))

@@ -125,6 +125,19 @@ def commit(root: Path, tmp_dir: Path, step: int, keep_last: int, keep_every_step
     return final
 
 
+def tidy(root: str | Path, keep_last: int, keep_every_steps: int | None = None) -> None:
+    """Finish what a crash after the newest commit left undone (``latest`` not yet pointing at it,
+    retention cut short); a later commit would do it, but a finished run has none."""
+    root = Path(root)
+    newest = latest_committed(root, verify=False)
+    if newest is None:
+        return
+    latest = root / LATEST
+    if not latest.is_file() or latest.read_text(encoding="utf-8").strip() != newest.tag:
+        _fsync_write(latest, newest.tag + "\n")
+    apply_retention(root, keep_last, keep_every_steps)
+
+
 def retained_steps(steps: list[int], keep_last: int, keep_every_steps: int | None = None) -> set[int]:
     """Which committed steps retention keeps: the newest ``keep_last``, plus every multiple of
     ``keep_every_steps`` (kept forever, e.g. for later evaluation or a rewind)."""
@@ -144,6 +157,7 @@ def apply_retention(root: Path, keep_last: int, keep_every_steps: int | None = N
     removed = []
     for old in found:
         if old.step not in keep:
+            (old.path / COMMIT).unlink()  # first: a crash mid-delete leaves debris, not a broken commit
             shutil.rmtree(old.path)
             removed.append(old.path)
     newest = found[-1].step if found else -1

@@ -27,6 +27,7 @@ from pipeline.data.manifest import manifest_sha256, verify_manifest
 from pipeline.models import initial_model
 from pipeline.models.flops import param_count, train_flops_per_token
 from pipeline.tracking import NullTracker, Tracker
+from pipeline.train import checkpoint as ckpt
 from pipeline.train import guards, metrics
 from pipeline.train import state as st
 from pipeline.train.engine import init_distributed, initialize, loss_scale, resolve_model_config, set_lr
@@ -86,6 +87,7 @@ class Verdict:
     save_due: bool
     spike: bool = False
     zscore: float = 0.0
+    rollback: list[int] | None = None  # spike_action rollback: [start, end) sample positions to skip
 
 
 def _agree(engine, losses: list[torch.Tensor], preempt: bool, save_due: bool) -> tuple[float, bool, bool, bool]:
@@ -114,11 +116,25 @@ def _build(run: Run) -> tuple[object, st.TrainState, object]:
     import torch.distributed as dist
 
     cfg, rank, world = run.cfg, run.rank, run.world
-    plan = st.plan_resume(cfg, world, run.manifest_sha)
-    if plan.universal:
-        if rank == 0:
-            st.convert_to_universal(plan.checkpoint, st.checkpoint_root(cfg), log=run.say)
-        dist.barrier()
+    # rank 0 verifies the newest committed checkpoint (sha256 of every file) and converts it when
+    # needed; the others wait for its verdict instead of hashing the same files again
+    verdict: list = [None, None]
+    if rank == 0:
+        try:
+            plan = st.plan_resume(cfg, world, run.manifest_sha, verify=True)
+            if plan.universal:
+                st.convert_to_universal(plan.checkpoint, st.checkpoint_root(cfg), log=run.say)
+            verdict = [None, plan.checkpoint.tag if plan.checkpoint else None]
+        except ckpt.CheckpointError as exc:
+            verdict = [str(exc), None]
+    dist.broadcast_object_list(verdict, src=0)
+    if verdict[0]:
+        raise ckpt.CheckpointError(verdict[0])
+    if rank != 0:
+        plan = st.plan_resume(cfg, world, run.manifest_sha, verify=False)
+        if (plan.checkpoint.tag if plan.checkpoint else None) != verdict[1]:
+            raise ckpt.CheckpointError(f"rank {rank} sees another newest checkpoint than rank 0 "
+                                       f"({verdict[1]}): is {cfg.run_dir} on storage all nodes share?")
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = initial_model(resolve_model_config(cfg.model, run.manifest["tokenizer"]["vocab_size"]))
     engine = initialize(model, cfg, world, load_universal=plan.universal)
@@ -165,99 +181,133 @@ def _validate_and_save(run: Run, engine, state: st.TrainState, *, validate: bool
     return path
 
 
-def _attempt(run: Run) -> Outcome:
-    """Build, resume, and train until the end, a preemption, or a rollback."""
-    cfg, rank, world = run.cfg, run.rank, run.world
-    t, ck = cfg.train, cfg.checkpoint
-    engine, state, resumed = _build(run)
-    if run.tracker is None:
-        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-        run.tracker = (Tracker(cfg, Path(cfg.run_dir) / "metrics.jsonl", "train", run_id=state.wandb_run_id)
-                       if rank == 0 else NullTracker())
-    state.wandb_run_id = run.tracker.run_id
-    accum = cfg.gradient_accumulation_steps(world)
-    end_step = min(t.max_steps, t.stop_at_step or t.max_steps)
-    detector = guards.SpikeDetector(t.spike_window_steps, t.spike_zscore, list(state.spike_history))
-    skips = guards.SkipCounter(t.max_consecutive_skips, {"nonfinite": 0, "overflow": 0, "spike": 0} | state.skip_counts,
-                               state.consecutive_skips)
-    model_cfg = engine.module.cfg
-    flops_per_token = train_flops_per_token(model_cfg, t.seq_len)
-    peak = metrics.peak_tflops(t.peak_tflops_per_device, t.precision, metrics.device_name())
-    hold_check = t.zero_stage == 0 and t.precision != "fp16"
-    run.say(f"train: world size {world}, {param_count(model_cfg) / 1e6:.2f}M parameters, ZeRO-{t.zero_stage}"
-            f"{' + optimizer offload' if t.offload_optimizer else ''}{' + parameter offload' if t.offload_params else ''}, "
-            f"{t.precision}, accumulation {accum}, {flops_per_token / 1e6:.1f} MFLOP/token, train samples "
-            + ", ".join(f"{n}: {len(s)} (weight {w:g})" for n, s, w in
-                        zip(run.train_data.names, run.train_data.sources, run.train_data.weights))
-            + (f", resumed from {resumed.path} at step {state.step}" if resumed else ""))
-    if state.step == 0 and resumed is None and not run.pending_skips:
-        val = validation_loss(engine, run.val_data, cfg, rank, world)
-        run.tracker.log({"val/loss": val, "val/perplexity": float(np.exp(val)), "world_size": world}, step=0)
-        run.say(f"step 0: validation loss {val:.4f}")
-    meter, last_save, lr, gnorm = metrics.Meter(), time.monotonic(), 0.0, None
-    micro, gb = t.micro_batch_size_per_gpu, t.global_batch_size
-    while state.step < end_step:
+class _Attempt:
+    """One engine build and the steps it trains; a rollback starts a new attempt."""
+
+    def __init__(self, run: Run):
+        cfg, t = run.cfg, run.cfg.train
+        self.run, self.cfg, self.t = run, cfg, t
+        self.engine, self.state, self.resumed = _build(run)
+        if run.tracker is None:
+            Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+            run.tracker = (Tracker(cfg, Path(cfg.run_dir) / "metrics.jsonl", "train", run_id=self.state.wandb_run_id)
+                           if run.rank == 0 else NullTracker())
+        self.state.wandb_run_id = run.tracker.run_id
+        self.accum = cfg.gradient_accumulation_steps(run.world)
+        self.end_step = min(t.max_steps, t.stop_at_step or t.max_steps)
+        self.detector = guards.SpikeDetector(t.spike_window_steps, t.spike_zscore, list(self.state.spike_history))
+        self.skips = guards.SkipCounter(t.max_consecutive_skips, {"nonfinite": 0, "overflow": 0, "spike": 0}
+                                        | self.state.skip_counts, self.state.consecutive_skips)
+        self.flops_per_token = train_flops_per_token(self.engine.module.cfg, t.seq_len)
+        self.peak = metrics.peak_tflops(t.peak_tflops_per_device, t.precision, metrics.device_name())
+        self.hold_check = t.zero_stage == 0 and t.precision != "fp16"  # see guards.py
+        self.meter, self.last_save, self.lr, self.gnorm, self.held = metrics.Meter(), time.monotonic(), 0.0, None, False
+
+    def announce(self) -> None:
+        run, t, state = self.run, self.t, self.state
+        data = run.train_data
+        run.say(f"train: world size {run.world}, {param_count(self.engine.module.cfg) / 1e6:.2f}M parameters, "
+                f"ZeRO-{t.zero_stage}{' + optimizer offload' if t.offload_optimizer else ''}"
+                f"{' + parameter offload' if t.offload_params else ''}, {t.precision}, accumulation {self.accum}, "
+                f"{self.flops_per_token / 1e6:.1f} MFLOP/token, train samples "
+                + ", ".join(f"{n}: {len(s)} (weight {w:g})" for n, s, w in zip(data.names, data.sources, data.weights))
+                + (f", resumed from {self.resumed.path} at step {state.step}" if self.resumed else ""))
+        if state.step == 0 and self.resumed is None and not run.pending_skips:
+            val = validation_loss(self.engine, run.val_data, self.cfg, run.rank, run.world)
+            run.tracker.log({"val/loss": val, "val/perplexity": float(np.exp(val)), "world_size": run.world}, step=0)
+            run.say(f"step 0: validation loss {val:.4f}")
+
+    def train(self) -> Outcome:
+        """Steps until the end (or stop_at_step), a preemption, or a rollback."""
+        run, state, ck = self.run, self.state, self.cfg.checkpoint
+        self.announce()
+        while state.step < self.end_step:
+            v = self.step()
+            if v.rollback is not None:
+                _release(self.engine)
+                return Outcome(state, rollback=v.rollback)
+            self.account(v)
+            if v.preempt:
+                run.say(f"step {state.step}: {run.preemption.signal_name or 'a peer rank was signalled'}: "
+                        f"saving and stopping (preemption)")
+                _validate_and_save(run, self.engine, state, validate=False)
+                run.preemption.disarm()
+                return Outcome(state, preempted=True)
+            if state.step == self.end_step or v.save_due or \
+                    (ck.save_interval_steps and state.step % ck.save_interval_steps == 0):
+                _validate_and_save(run, self.engine, state, validate=True)
+                run.pending_skips.clear()
+                self.last_save = time.monotonic()
+                self.meter.reset()
+        return Outcome(state)
+
+    def step(self) -> Verdict:
+        """One optimizer step over this rank's share of the next global batch."""
+        run, state, engine, t = self.run, self.state, self.engine, self.t
         state.next_trainable()
-        meter.start_step()
-        lr = set_lr(engine, cfg, state.step)
-        start, losses, skipped_before, held = state.consumed_samples, [], engine.skipped_steps, False
-        for m in range(accum):
+        self.meter.start_step()
+        self.lr = set_lr(engine, self.cfg, state.step)
+        start, losses, self.skipped_before, self.held = state.consumed_samples, [], engine.skipped_steps, False
+        for m in range(self.accum):
             t0 = time.perf_counter()
-            src, ids = run.train_data.ids(rank_positions(start, m, rank, world, micro))
+            src, ids = run.train_data.ids(rank_positions(start, m, run.rank, run.world, t.micro_batch_size_per_gpu))
             state.sample_digest = st.digest_update(state.sample_digest, src, ids)
             x, y = run.train_data.batch(src, ids)
-            meter.add_data_time(time.perf_counter() - t0)
-            loss = run.faults.apply(engine(x.to(engine.device), y.to(engine.device)), state.step + 1, start, start + gb)
+            self.meter.add_data_time(time.perf_counter() - t0)
+            loss = engine(x.to(engine.device), y.to(engine.device))
+            loss = run.faults.apply(loss, state.step + 1, start, start + t.global_batch_size)
             losses.append(loss.detach())
-            if m == accum - 1:
-                save_due = rank == 0 and ck.save_interval_minutes is not None and \
-                    time.monotonic() - last_save >= 60 * ck.save_interval_minutes
-                v = Verdict(*_agree(engine, losses, run.preemption.requested, save_due))
-                if not v.nonfinite and t.spike_action != "off" and detector.is_spike(v.loss):
-                    v.spike, v.zscore = True, guards.spike_zscore(detector.history, v.loss)
-                    run.tracker.log({"train/spike_loss": v.loss, "train/spike_zscore": v.zscore}, step=state.step + 1)
-                    run.say(f"step {state.step + 1}: loss spike {v.loss:.4f} ({v.zscore:.1f} σ over the last "
-                            f"{len(detector.history)} steps); action: {t.spike_action}")
-                    if t.spike_action == "rollback":
-                        _release(engine)
-                        return Outcome(state, rollback=[start, start + t.spike_skip_batches * gb])
+            if m == self.accum - 1:
+                v = self.judge(losses, start)
+                if v.rollback is not None:
+                    return v
                 if v.nonfinite or (v.spike and t.spike_action == "skip"):
-                    loss = guards.poison(loss)
+                    loss = guards.poison(loss)  # DeepSpeed (or the ZeRO-0 hold) discards the update
             engine.backward(loss)
-            if m == accum - 1 and hold_check:
-                gnorm, held = guards.hold_nonfinite_step(engine)
+            if m == self.accum - 1 and self.hold_check:
+                self.gnorm, self.held = guards.hold_nonfinite_step(engine)
             engine.step()
-        if not hold_check:
-            gnorm = engine.get_global_grad_norm()
+        if not self.hold_check:
+            self.gnorm = engine.get_global_grad_norm()
         state.step += 1
-        state.consumed_samples = start + gb
-        if held or engine.skipped_steps > skipped_before:
-            reason = ("spike" if v.spike else "nonfinite") if (v.nonfinite or v.spike) else \
-                ("overflow" if t.precision == "fp16" else "nonfinite")
-            run.say(f"step {state.step}: update skipped ({reason}); weights and optimizer state unchanged")
-            skips.skipped(reason, state.step)
-            meter.end_step(None)
+        state.consumed_samples = start + t.global_batch_size
+        return v
+
+    def judge(self, losses: list[torch.Tensor], start: int) -> Verdict:
+        """Before the last backward: what all ranks agree on, and whether the loss spiked."""
+        t, ck, run = self.t, self.cfg.checkpoint, self.run
+        save_due = run.rank == 0 and ck.save_interval_minutes is not None and \
+            time.monotonic() - self.last_save >= 60 * ck.save_interval_minutes
+        v = Verdict(*_agree(self.engine, losses, run.preemption.requested, save_due))
+        if v.nonfinite or t.spike_action == "off" or not self.detector.is_spike(v.loss):
+            return v
+        v.spike, v.zscore = True, guards.spike_zscore(self.detector.history, v.loss)
+        step = self.state.step + 1
+        run.tracker.log({"train/spike_loss": v.loss, "train/spike_zscore": v.zscore}, step=step)
+        run.say(f"step {step}: loss spike {v.loss:.4f} ({v.zscore:.1f} σ over the last "
+                f"{len(self.detector.history)} steps); action: {t.spike_action}")
+        if t.spike_action == "rollback":
+            v.rollback = [start, start + t.spike_skip_batches * t.global_batch_size]
+        return v
+
+    def account(self, v: Verdict) -> None:
+        """Count the step as applied or skipped (maybe halting), feed the spike window, log."""
+        state, t = self.state, self.t
+        if self.held or self.engine.skipped_steps > self.skipped_before:
+            reason = "spike" if v.spike else "nonfinite" if v.nonfinite or t.precision != "fp16" else "overflow"
+            self.run.say(f"step {state.step}: update skipped ({reason}); weights and optimizer state unchanged")
+            self.skips.skipped(reason, state.step)
+            self.meter.end_step(None)
         else:
-            skips.applied()
-            detector.record(v.loss)
-            meter.end_step(v.loss)
-        state.spike_history, state.skip_counts, state.consecutive_skips = detector.history, skips.counts, skips.consecutive
-        last = state.step == end_step
-        if state.step % t.log_interval_steps == 0 or last:
-            _log_window(run, engine, state, meter, lr, gnorm, skips, end_step, flops_per_token, peak)
-            meter.reset()
-        if v.preempt:
-            run.say(f"step {state.step}: {run.preemption.signal_name or 'a peer rank was signalled'}: "
-                    f"saving and stopping (preemption)")
-            _validate_and_save(run, engine, state, validate=False)
-            run.preemption.disarm()
-            return Outcome(state, preempted=True)
-        if last or v.save_due or (ck.save_interval_steps and state.step % ck.save_interval_steps == 0):
-            _validate_and_save(run, engine, state, validate=True)
-            run.pending_skips.clear()
-            last_save = time.monotonic()
-            meter.reset()
-    return Outcome(state)
+            self.skips.applied()
+            self.detector.record(v.loss)
+            self.meter.end_step(v.loss)
+        state.spike_history, state.skip_counts = self.detector.history, self.skips.counts
+        state.consecutive_skips = self.skips.consecutive
+        if state.step % t.log_interval_steps == 0 or state.step == self.end_step:
+            _log_window(self.run, self.engine, state, self.meter, self.lr, self.gnorm, self.skips, self.end_step,
+                        self.flops_per_token, self.peak)
+            self.meter.reset()
 
 
 def _release(engine) -> None:
@@ -285,7 +335,7 @@ def train(cfg: PipelineConfig, log=print) -> dict:
     run.preemption.install()
     try:
         while True:
-            outcome = _attempt(run)
+            outcome = _Attempt(run).train()
             if outcome.rollback is None:
                 break
             run.pending_skips.append(outcome.rollback)

@@ -28,7 +28,7 @@ def cosine(progress: float, min_ratio: float) -> float:
 def linear(progress: float, min_ratio: float) -> float:
     """1 → min_ratio in a straight line as progress goes 0 → 1."""
     progress = min(1.0, max(0.0, progress))
-    return 1.0 - (1.0 - min_ratio) * progress
+    return min_ratio + (1.0 - min_ratio) * (1.0 - progress)
 
 
 def wsd(step: int, max_steps: int, decay_fraction: float, min_ratio: float) -> float:

@@ -23,8 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import subprocess
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -135,9 +133,10 @@ class ResumePlan:
     universal: bool  # load through a universal conversion (world size or ZeRO stage changed)
 
 
-def plan_resume(cfg: PipelineConfig, world: int, manifest_sha: str) -> ResumePlan:
-    """Read (every rank, shared storage) the newest committed checkpoint and check it fits this run."""
-    latest = ckpt.latest_committed(checkpoint_root(cfg), verify=True)
+def plan_resume(cfg: PipelineConfig, world: int, manifest_sha: str, verify: bool = True) -> ResumePlan:
+    """Read the newest committed checkpoint (``verify``: against its COMMIT hashes) and check that it
+    can continue this run."""
+    latest = ckpt.latest_committed(checkpoint_root(cfg), verify=verify)
     if latest is None:
         return ResumePlan(None, {}, False)
     saved = latest.trainer_state()
@@ -165,20 +164,30 @@ def plan_resume(cfg: PipelineConfig, world: int, manifest_sha: str) -> ResumePla
 
 
 def convert_to_universal(checkpoint: ckpt.Committed, root: Path, log=print) -> Path:
-    """Rank 0: ``ds_to_universal`` of a committed checkpoint into ``root/.universal/step_N``."""
+    """Rank 0: ``ds_to_universal`` of a committed checkpoint into ``root/.universal/step_N``.
+
+    Runs in this process with one worker (DeepSpeed's serial path: no fork of a process that holds
+    a process group); the other ranks wait at a barrier."""
+    import argparse
+    import contextlib
+    import io
+
+    from deepspeed.checkpoint import ds_to_universal
+
     out = root / UNIVERSAL_DIR / checkpoint.tag
-    if out.exists():
-        shutil.rmtree(out)
+    shutil.rmtree(root / UNIVERSAL_DIR, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(checkpoint.path),
-           "--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1"]
     log(f"resume: converting {checkpoint.path} to a universal checkpoint (world size or ZeRO stage changed)")
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
+    args = argparse.Namespace(input_folder=str(checkpoint.path), output_folder=str(out), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False)
+    chatter = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(chatter):
+            ds_to_universal.main(args)
+    except Exception as exc:
         raise ckpt.CheckpointError(
-            f"{checkpoint.path}: conversion to a universal checkpoint failed (exit {proc.returncode}): "
-            f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.stdout[-500:]}"
-        )
+            f"{checkpoint.path}: conversion to a universal checkpoint failed: {type(exc).__name__}: {exc}"
+        ) from exc
     return out
 
 
@@ -192,14 +201,20 @@ def load(engine, plan: ResumePlan, cfg: PipelineConfig, state: TrainState, rank:
                                load_module_strict=True, load_lr_scheduler_states=False)
         dist.barrier()
         if rank == 0:
-            shutil.rmtree(checkpoint_root(cfg) / UNIVERSAL_DIR / latest.tag, ignore_errors=True)
+            shutil.rmtree(checkpoint_root(cfg) / UNIVERSAL_DIR, ignore_errors=True)
     else:
-        engine.load_checkpoint(str(latest.path.parent), tag=latest.tag, load_module_strict=True,
-                               load_lr_scheduler_states=False)
+        from pipeline.security import weights_only_loads
+
+        with weights_only_loads(latest.path):  # DeepSpeed itself would unpickle anything
+            engine.load_checkpoint(str(latest.path.parent), tag=latest.tag, load_module_strict=True,
+                                   load_lr_scheduler_states=False)
     saved_world = saved.get("world_size", world)
     rng_file = latest.path / f"rng_rank{rank}.pt"
     if saved_world == world and rng_file.is_file():
-        torch.set_rng_state(torch.load(rng_file, weights_only=True)["torch"])
+        from pipeline.security import weights_only_loads
+
+        with weights_only_loads(latest.path):  # a refused pickle: an error naming the file
+            torch.set_rng_state(torch.load(rng_file, weights_only=True)["torch"])
     state.step, state.consumed_samples = saved["step"], saved["consumed_samples"]
     state.wandb_run_id = saved.get("wandb_run_id")
     state.skipped_batches = [list(r) for r in saved.get("skipped_batches", [])]

@@ -55,3 +55,24 @@ def test_commit_marker_cannot_point_outside_the_checkpoint(tmp_path):
     (final / "COMMIT").write_text(json.dumps({"step": 1, "files": {"../../etc/passwd": "0"}}))
     with pytest.raises(ckpt.CheckpointError, match="outside"):
         ckpt.verify_checkpoint(final)
+
+
+def test_keep_every_steps_keeps_multiples_forever_besides_the_newest(tmp_path):
+    for step in range(1, 11):
+        ckpt.commit(tmp_path, write_tmp(tmp_path, step), step, keep_last=2, keep_every_steps=4)
+    assert [c.step for c in ckpt.committed_checkpoints(tmp_path)] == [4, 8, 9, 10]
+
+
+def test_retained_steps_is_the_newest_k_plus_the_multiples():
+    assert ckpt.retained_steps([3, 6, 9, 12, 15], keep_last=1, keep_every_steps=6) == {6, 12, 15}
+    assert ckpt.retained_steps([3, 6, 9], keep_last=5) == {3, 6, 9}
+    assert ckpt.retained_steps([], keep_last=2, keep_every_steps=3) == set()
+
+
+def test_retention_never_touches_uncommitted_or_newer_directories(tmp_path):
+    for step in (1, 2):
+        ckpt.commit(tmp_path, write_tmp(tmp_path, step), step, keep_last=1, keep_every_steps=None)
+    crashed = tmp_path / ckpt.tag_for(5)  # renamed, no COMMIT yet: newer than the newest committed
+    crashed.mkdir()
+    ckpt.apply_retention(tmp_path, keep_last=1)
+    assert [c.step for c in ckpt.committed_checkpoints(tmp_path)] == [2] and crashed.exists()

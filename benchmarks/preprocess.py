@@ -1,0 +1,192 @@
+"""Preprocessing throughput: our `pretrain prepare` against the two usual ways, on the same cores.
+
+    python benchmarks/preprocess.py CORPUS.jsonl[.gz] [--workers 2] [--rounds 2] [--repeat 1]
+
+- **ours**: `prepare()` end to end — read → clean (NFC) → tokenize → pack → write shards + quarantine +
+  manifest with sha256 (dedup off, the tokenizer given so none is trained). *cold* is the first call
+  after `ray.init` (it starts Ray's worker processes); *warm* a second call (workers running). The
+  time of `ray.init` itself is printed apart.
+- **HF datasets**: `load_dataset("json")` + `map(batched=True, num_proc=N)` with the same tokenizer as
+  a `transformers` PreTrainedTokenizerFast, end of document appended (Arrow cache in a fresh dir).
+- **Megatron-style**: `tools/preprocess_data.py`'s design: a `multiprocessing.Pool(N)` whose workers
+  `json.loads` a line and encode it (HF `tokenizers`, one document per call), `imap(chunksize=32)`,
+  the parent writing a uint16 `.bin` and an MMIDIDX `.idx`.
+
+All three use one BPE tokenizer trained on CORPUS beforehand (not timed) and must produce the same
+number of tokens. Each round runs the two baselines first with Ray stopped, then starts Ray for ours.
+tokens/s = tokens written (documents + one end-of-document each) / wall seconds of the step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import multiprocessing as mp
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _open_text(path: Path):
+    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+
+
+# ---- Megatron-style pool ------------------------------------------------------------------------
+
+class _MegatronEncoder:
+    def __init__(self, tokenizer_path: str, eod: int):
+        self.tokenizer_path, self.eod = tokenizer_path, eod
+
+    def initializer(self) -> None:
+        from tokenizers import Tokenizer
+
+        _MegatronEncoder.tokenizer = Tokenizer.from_file(self.tokenizer_path)
+
+    def encode(self, line: str) -> list[int]:
+        text = json.loads(line)["text"]
+        ids = _MegatronEncoder.tokenizer.encode(text, add_special_tokens=False).ids
+        ids.append(self.eod)
+        return ids
+
+
+def megatron_style(corpus: Path, tokenizer_path: str, eod: int, workers: int, out: Path) -> int:
+    from pipeline.data.shards import write_index
+
+    encoder = _MegatronEncoder(tokenizer_path, eod)
+    lengths, tokens = [], 0
+    with mp.get_context("fork").Pool(workers, initializer=encoder.initializer) as pool, \
+            _open_text(corpus) as fin, open(out / "megatron.bin", "wb") as fbin:
+        for ids in pool.imap(encoder.encode, fin, 32):
+            fbin.write(np.array(ids, dtype=np.uint16).tobytes(order="C"))
+            lengths.append(len(ids))
+            tokens += len(ids)
+    write_index(out / "megatron.idx", np.array(lengths, dtype=np.int32), np.dtype(np.uint16))
+    return tokens
+
+
+# ---- HF datasets ---------------------------------------------------------------------------------
+
+def hf_datasets(corpus: Path, tokenizer_path: str, eod: int, workers: int, out: Path) -> int:
+    import datasets
+    import pyarrow.compute as pc
+    from transformers import PreTrainedTokenizerFast
+
+    datasets.disable_progress_bars()
+    tok = PreTrainedTokenizerFast(tokenizer_file=tokenizer_path)
+
+    def encode(batch):
+        ids = tok(batch["text"], add_special_tokens=False)["input_ids"]
+        return {"input_ids": [x + [eod] for x in ids]}
+
+    ds = datasets.load_dataset("json", data_files=str(corpus), split="train", cache_dir=str(out / "hf-cache"))
+    done = ds.map(encode, batched=True, num_proc=workers, remove_columns=ds.column_names)
+    return int(pc.sum(pc.list_value_length(done.data.column("input_ids"))).as_py())
+
+
+# ---- ours ------------------------------------------------------------------------------------------
+
+def ours(corpus: Path, tokenizer_path: str, workers: int, out: Path) -> tuple[int, str]:
+    from pipeline.config import DataConfig
+    from pipeline.data.prepare import prepare
+
+    cfg = DataConfig(sources=[{"path": str(corpus)}], output_dir=str(out / "ours"), num_cpus=workers,
+                     tokenizer={"path": tokenizer_path})
+    manifest = prepare(cfg, log=lambda *_: None, force=True)
+    return sum(manifest["splits"][s]["tokens"] for s in manifest["splits"]), manifest["tokenizer"]["encoder"]
+
+
+def _cpu() -> str:
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.machine()
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def _timed(fn, *args):
+    t0 = time.perf_counter()
+    result = fn(*args)
+    return time.perf_counter() - t0, result
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("corpus", type=Path, help="jsonl or jsonl.gz with a 'text' field")
+    ap.add_argument("--workers", type=int, default=os.cpu_count(), help="processes / Ray CPUs for every method")
+    ap.add_argument("--rounds", type=int, default=2, help="repeat every measurement this many times")
+    ap.add_argument("--repeat", type=int, default=1, help="concatenate the corpus this many times first")
+    ap.add_argument("--vocab-size", type=int, default=8192)
+    args = ap.parse_args()
+
+    import ray
+    import tiktoken
+    import tokenizers
+    import transformers
+    import datasets
+
+    from pipeline.config import TokenizerConfig
+    from pipeline.data.prepare import init_ray
+    from pipeline.data.tokenizer import train_tokenizer
+
+    tmp = Path(tempfile.mkdtemp(prefix="preprocess-bench-"))
+    try:
+        corpus = args.corpus
+        if args.repeat > 1:
+            corpus = tmp / ("corpus.jsonl" + (".gz" if args.corpus.suffix == ".gz" else ""))
+            with open(corpus, "wb") as f:
+                for _ in range(args.repeat):
+                    f.write(args.corpus.read_bytes())
+        with _open_text(corpus) as f:
+            texts = [json.loads(line)["text"] for line in f if line.strip()]
+        mb = sum(len(t.encode()) for t in texts) / 1e6
+        tok = train_tokenizer(texts, TokenizerConfig(vocab_size=args.vocab_size))
+        tok_path = str(tmp / "tokenizer.json")
+        tok.save(tok_path)
+        eod = tok.token_to_id("<|endoftext|>")
+        del texts
+        print(f"corpus {args.corpus} ×{args.repeat}: {mb:.1f} MB of text; BPE vocabulary {args.vocab_size}; "
+              f"{args.workers} workers on {_cpu()}")
+        print(f"python {platform.python_version()}, ray {ray.__version__}, tokenizers {tokenizers.__version__}, "
+              f"tiktoken {tiktoken.__version__}, datasets {datasets.__version__}, "
+              f"transformers {transformers.__version__}")
+        baselines = (("Megatron-style Pool → uint16 .bin", megatron_style), ("HF datasets.map(num_proc)", hf_datasets))
+        rows: dict[str, list[tuple[int, float]]] = {}  # (tokens, seconds) per round
+        for r in range(args.rounds):
+            load = os.getloadavg()[0]
+            for name, fn in baselines:
+                shutil.rmtree(tmp / "hf-cache", ignore_errors=True)
+                rows.setdefault(name, []).append(_timed(fn, corpus, tok_path, eod, args.workers, tmp)[::-1])
+            t_init, _ = _timed(init_ray, args.workers)
+            secs, (n, encoder) = _timed(ours, corpus, tok_path, args.workers, tmp)
+            rows.setdefault("ours, cold (first prepare after ray.init)", []).append((n, secs))
+            secs, (n, encoder) = _timed(ours, corpus, tok_path, args.workers, tmp)
+            rows.setdefault("ours, warm (Ray workers running)", []).append((n, secs))
+            ray.shutdown()
+            print(f"round {r + 1}: 1-min load average before {load:.2f}, ray.init {t_init:.1f}s, our encoder {encoder}")
+        base = np.median([n / s for n, s in rows[baselines[0][0]]])
+        print("\n| method | tokens | seconds per round | tokens/s (median) | × Megatron-style |")
+        print("|---|---:|---:|---:|---:|")
+        for name, runs in rows.items():
+            rate = float(np.median([n / s for n, s in runs]))
+            secs = " / ".join(f"{s:.2f}" for _, s in runs)
+            print(f"| {name} | {runs[0][0]:,} | {secs} | {rate:,.0f} | {rate / base:.2f} |")
+        counts = sorted({runs[0][0] for runs in rows.values()})
+        if len(counts) > 1:
+            print(f"\ntoken counts differ: {counts} (ours normalizes to NFC first: data.clean.normalization)")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Reliability and security tests: see README.md in this folder."""
