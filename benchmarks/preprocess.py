@@ -14,7 +14,9 @@
 
 All three use one BPE tokenizer trained on CORPUS beforehand (not timed) and must produce the same
 number of tokens. Each round runs the two baselines first with Ray stopped, then starts Ray for ours.
-tokens/s = tokens written (documents + one end-of-document each) / wall seconds of the step.
+tokens/s = tokens written (documents + one end-of-document each) / wall seconds of the step. On a
+shared machine wall time depends on what else runs, so the CPU seconds every process of a method
+used (pool workers, or Ray's GCS, raylet and workers plus the driver) are printed per million tokens.
 """
 
 from __future__ import annotations
@@ -113,10 +115,40 @@ def _cpu() -> str:
     return f"{model}, {os.cpu_count()} cores"
 
 
-def _timed(fn, *args):
+def _own_cpu_seconds() -> float:
+    """CPU time of this process and of its children that have exited (the pools' workers)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def _ray_cpu_seconds() -> float:
+    """CPU time of this Ray instance's processes (GCS, raylet, workers) so far."""
+    import psutil
+    import ray
+
+    procs = {}
+    for infos in ray._private.worker._global_node.all_processes.values():
+        for info in infos:
+            p = psutil.Process(info.process.pid)
+            procs.update({q.pid: q for q in [p, *p.children(recursive=True)]})
+    total = 0.0
+    for q in procs.values():
+        try:
+            t = q.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def _measured(fn, *args, ray_running: bool = False) -> tuple[float, float, object]:
+    """(wall seconds, CPU seconds of every process involved, result)."""
+    cpu0 = _own_cpu_seconds() + (_ray_cpu_seconds() if ray_running else 0.0)
     t0 = time.perf_counter()
     result = fn(*args)
-    return time.perf_counter() - t0, result
+    wall = time.perf_counter() - t0
+    cpu = _own_cpu_seconds() + (_ray_cpu_seconds() if ray_running else 0.0) - cpu0
+    return wall, cpu, result
 
 
 def main() -> int:
@@ -160,26 +192,27 @@ def main() -> int:
               f"tiktoken {tiktoken.__version__}, datasets {datasets.__version__}, "
               f"transformers {transformers.__version__}")
         baselines = (("Megatron-style Pool → uint16 .bin", megatron_style), ("HF datasets.map(num_proc)", hf_datasets))
-        rows: dict[str, list[tuple[int, float]]] = {}  # (tokens, seconds) per round
+        rows: dict[str, list[tuple[int, float, float]]] = {}  # (tokens, wall s, CPU s) per round
         for r in range(args.rounds):
             load = os.getloadavg()[0]
             for name, fn in baselines:
                 shutil.rmtree(tmp / "hf-cache", ignore_errors=True)
-                rows.setdefault(name, []).append(_timed(fn, corpus, tok_path, eod, args.workers, tmp)[::-1])
-            t_init, _ = _timed(init_ray, args.workers)
-            secs, (n, encoder) = _timed(ours, corpus, tok_path, args.workers, tmp)
-            rows.setdefault("ours, cold (first prepare after ray.init)", []).append((n, secs))
-            secs, (n, encoder) = _timed(ours, corpus, tok_path, args.workers, tmp)
-            rows.setdefault("ours, warm (Ray workers running)", []).append((n, secs))
+                wall, cpu, n = _measured(fn, corpus, tok_path, eod, args.workers, tmp)
+                rows.setdefault(name, []).append((n, wall, cpu))
+            t_init = _measured(init_ray, args.workers)[0]
+            for name in ("ours, cold (first prepare after ray.init)", "ours, warm (Ray workers running)"):
+                wall, cpu, (n, encoder) = _measured(ours, corpus, tok_path, args.workers, tmp, ray_running=True)
+                rows.setdefault(name, []).append((n, wall, cpu))
             ray.shutdown()
             print(f"round {r + 1}: 1-min load average before {load:.2f}, ray.init {t_init:.1f}s, our encoder {encoder}")
-        base = np.median([n / s for n, s in rows[baselines[0][0]]])
-        print("\n| method | tokens | seconds per round | tokens/s (median) | × Megatron-style |")
-        print("|---|---:|---:|---:|---:|")
+        base = np.median([n / w for n, w, _ in rows[baselines[0][0]]])
+        print("\n| method | tokens | wall s per round | tokens/s (median) | × Megatron-style | CPU-s per M tokens (median) |")
+        print("|---|---:|---:|---:|---:|---:|")
         for name, runs in rows.items():
-            rate = float(np.median([n / s for n, s in runs]))
-            secs = " / ".join(f"{s:.2f}" for _, s in runs)
-            print(f"| {name} | {runs[0][0]:,} | {secs} | {rate:,.0f} | {rate / base:.2f} |")
+            rate = float(np.median([n / w for n, w, _ in runs]))
+            cpu = float(np.median([c / n * 1e6 for n, _, c in runs]))
+            walls = " / ".join(f"{w:.2f}" for _, w, _ in runs)
+            print(f"| {name} | {runs[0][0]:,} | {walls} | {rate:,.0f} | {rate / base:.2f} | {cpu:.2f} |")
         counts = sorted({runs[0][0] for runs in rows.values()})
         if len(counts) > 1:
             print(f"\ntoken counts differ: {counts} (ours normalizes to NFC first: data.clean.normalization)")

@@ -126,12 +126,6 @@ class Encoder:
         return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
 
 
-@functools.lru_cache(maxsize=2)
-def cached_encoder(tokenizer_json: str, kind: str) -> Encoder:
-    """One Encoder per worker process (building tiktoken's tables takes a moment)."""
-    return Encoder(tokenizer_json, kind)
-
-
 def first_mismatch(fast, hf: Tokenizer, texts) -> str | None:
     """None if tiktoken and `tokenizers` give the same ids for every text, else where they differ."""
     for i, text in enumerate(texts):

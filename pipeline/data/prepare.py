@@ -201,6 +201,8 @@ class _Counts:
 def _shards(corpus: _Corpus, out: Path, removed: np.ndarray, removed_ref, log) -> tuple[dict, _Counts, dict]:
     """read → clean → drop → encode in workers; the driver writes quarantine.jsonl and appends each
     kept document to its source's shard of its split (every k-th kept document → validation)."""
+    import ray
+
     cfg, names = corpus.cfg, corpus.names
     tokenizer = load_tokenizer(out / TOKENIZER)
     specials = special_ids(tokenizer, cfg.tokenizer)
@@ -208,7 +210,7 @@ def _shards(corpus: _Corpus, out: Path, removed: np.ndarray, removed_ref, log) -
     kind, why = choose_encoder(tokenizer.to_str(), _sample_texts(corpus, removed), cfg.tokenizer.fast_encoder)
     log(f"shards: encoding with {kind} ({why})")
     encoded = corpus.records().map_batches(workers.encode_batch, batch_format="numpy", batch_size=None, fn_kwargs={
-        "clean": cfg.clean.model_dump(), "removed_ref": removed_ref, "tokenizer_json": tokenizer.to_str(),
+        "clean": cfg.clean.model_dump(), "removed_ref": removed_ref, "tokenizer_ref": ray.put(tokenizer.to_str()),
         "kind": kind, "eod_id": specials["eod"], "dtype": dtype.str})
     for split in SPLITS:  # shards of an earlier, different run
         shutil.rmtree(out / split, ignore_errors=True)
@@ -227,9 +229,8 @@ def _shards(corpus: _Corpus, out: Path, removed: np.ndarray, removed_ref, log) -
                 for i in range(len(source)):
                     if b["reason"][i]:
                         _quarantine(q, corpus, counts, int(b["doc_id"][i]), str(b["reason"][i]), str(b["raw"][i]))
-                    elif not b["duplicate"][i]:
-                        split = "validation" if n % every == every - 1 else "train"
-                        writers[split, int(source[i])].add_document(b["ids"][i])
+                    elif not b["duplicate"][i]:  # kept: every k-th one goes to validation
+                        writers[SPLITS[n % every == every - 1], int(source[i])].add_document(b["ids"][i])
                         n += 1
                         tokens += len(b["ids"][i])
                 progress.update(len(source), tokens)
@@ -286,7 +287,9 @@ def prepare(cfg: DataConfig, ray_address: str | None = None, log=print, force: b
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # invalid until this run finishes
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")  # Ray Data's INFO lines would drown ours
+    t_ray = time.time()
     init_ray(cfg.num_cpus, ray_address)
+    t_ray = time.time() - t_ray
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.target_max_block_size = cfg.block_bytes
@@ -309,6 +312,7 @@ def prepare(cfg: DataConfig, ray_address: str | None = None, log=print, force: b
     tok = _stage(out, "tokenizer", fps["tokenizer"], force,
                  lambda: _tokenizer(corpus, out, fps["tokenizer"], removed_ref, log), log)
     writers, counts, info = _shards(corpus, out, removed, removed_ref, log)
+    info["ray_start_seconds"] = t_ray
     manifest = _manifest(corpus, fps, dedup, tok, writers, counts, info, time.time() - t0)
     files = [TOKENIZER, QUARANTINE, DUPLICATES] + [f for w in writers.values() for f in w.files()]
     write_manifest(out, manifest, files)
@@ -362,7 +366,8 @@ def _manifest(corpus: _Corpus, fps: dict, dedup: dict, tok: dict, writers: dict,
                   "config": cfg.dedup.model_dump()},
         "throughput": {
             "seconds": round(seconds, 3),
-            "stage_seconds": {"dedup": _secs(dedup), "tokenizer": _secs(tok), "shards": _secs(info)},
+            "stage_seconds": {"ray_start": round(info["ray_start_seconds"], 3), "dedup": _secs(dedup),
+                              "tokenizer": _secs(tok), "shards": _secs(info)},
             "tokens_per_s": round(info["tokens"] / max(info["seconds"], 1e-9)),
         },
         "config": cfg.model_dump(mode="json"),

@@ -117,7 +117,8 @@ def summary_table(manifest: dict) -> str:
     reasons = ", ".join(f"{k} {v:,}" for k, v in sorted(q["by_reason"].items())) or "none"
     lines.append(f"quarantined by reason: {reasons}  ({q['file']})")
     lines.append(f"duplicates removed: exact {d['exact']:,}, near {d['near']:,}  ({d['file']})")
-    stages = ", ".join(f"{k} {v:.1f}s" if isinstance(v, float) else f"{k} {v}" for k, v in t["stage_seconds"].items())
+    stages = ", ".join(f"{k.replace('_', ' ')} {v:.1f}s" if isinstance(v, float) else f"{k} {v}"
+                       for k, v in t["stage_seconds"].items())
     lines.append(f"time: {t['seconds']:.1f}s ({stages}); tokenize+shards {t['tokens_per_s']:,.0f} tokens/s "
                  f"with the {manifest['tokenizer']['encoder']} encoder")
     return "\n".join(lines)

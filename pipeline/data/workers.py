@@ -15,7 +15,7 @@ import numpy as np
 from pipeline.config import CleanConfig, DedupConfig
 from pipeline.data.clean import clean_text
 from pipeline.data.dedup import MinHasher, exact_key, shingle_hashes
-from pipeline.data.fast_tokenizer import cached_encoder, ids_array
+from pipeline.data.fast_tokenizer import Encoder, ids_array
 from pipeline.data.sources import Record, SourceFile, doc_ids, read_file
 
 _MAX_ROWS = 4096
@@ -113,12 +113,19 @@ def kept_texts(batch: dict, clean: dict, removed_ref) -> dict:
     return {"text": np.array(texts, dtype=object)}
 
 
-def encode_batch(batch: dict, clean: dict, removed_ref, tokenizer_json: str, kind: str, eod_id: int,
-                 dtype: str) -> dict:
+@functools.lru_cache(maxsize=2)
+def _encoder(tokenizer_ref, kind: str) -> Encoder:
+    """One Encoder per worker process and tokenizer (building tiktoken's tables takes a moment)."""
+    import ray
+
+    return Encoder(ray.get(tokenizer_ref), kind)
+
+
+def encode_batch(batch: dict, clean: dict, removed_ref, tokenizer_ref, kind: str, eod_id: int, dtype: str) -> dict:
     """Every record with its fate: quarantined (reason, excerpt), duplicate, or kept with its token ids
     (end-of-document appended); ids are empty for the records that are not kept."""
     reason, raw, dup, index, texts = _classify(batch, clean, removed_ref)
-    encoded = cached_encoder(tokenizer_json, kind).encode(texts)
+    encoded = _encoder(tokenizer_ref, kind).encode(texts)
     ids = np.empty(len(reason), dtype=object)
     empty = np.zeros(0, dtype=np.dtype(dtype))
     for i in range(len(reason)):

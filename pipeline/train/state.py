@@ -11,8 +11,8 @@ chained over every micro-batch of a *segment* (steps trained on one world size).
 world size closes the segment into ``data_segments`` and starts a new chain, so a test can recompute
 every segment from the pure sampling functions and check that the segments tile the sample stream.
 
-Resuming on a different number of ranks (same global batch) goes through DeepSpeed universal
-checkpoints for ZeRO 1-3: rank 0 converts the committed checkpoint with
+Resuming on a different number of ranks (same global batch), or switching between ZeRO-1 and
+ZeRO-2, goes through DeepSpeed universal checkpoints (ZeRO 1-3; a ZeRO-3 checkpoint stays ZeRO-3): rank 0 converts the committed checkpoint with
 ``deepspeed.checkpoint.ds_to_universal`` into ``checkpoints/.universal/step_N`` before the engine is
 built, every rank loads it with ``checkpoint.load_universal``, then rank 0 deletes the copy. ZeRO-0
 checkpoints hold the full model and optimizer in one file and load on any world size directly.
@@ -154,10 +154,11 @@ def plan_resume(cfg: PipelineConfig, world: int, manifest_sha: str, verify: bool
         )
     stage, saved_stage = cfg.train.zero_stage, saved.get("zero_stage", cfg.train.zero_stage)
     saved_world = saved.get("world_size", world)
-    if saved_stage != stage and 0 in (stage, saved_stage):
+    if saved_stage != stage and {saved_stage, stage} != {1, 2}:
         raise ckpt.CheckpointError(
-            f"{latest.path}: written with ZeRO-{saved_stage}, this run uses ZeRO-{stage}; switching to or "
-            f"from ZeRO-0 is not supported (between stages 1-3 it is, through a universal checkpoint)"
+            f"{latest.path}: written with ZeRO-{saved_stage}, this run uses ZeRO-{stage}; only ZeRO-1 ↔ "
+            f"ZeRO-2 can be switched on resume (DeepSpeed lays out ZeRO-0 and ZeRO-3 checkpoints "
+            f"differently); keep train.zero_stage={saved_stage} for this run_dir"
         )
     universal = stage > 0 and (saved_world != world or saved_stage != stage)
     return ResumePlan(latest, saved, universal)

@@ -44,15 +44,17 @@ def segment_digests(data: BlendedSamples, start: int, end: int, world: int) -> t
 def elastic_runs(trained_run, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("elastic")
     config = trained_run["run_dir"] / "config.yaml"
-    dirs = {name: tmp / name for name in ("ref-z2", "2to1-z2", "2to1-z3", "1to2-z1")}
+    dirs = {name: tmp / name for name in ("ref-z2", "2to1-z2", "2to1-z3", "1to2-z1", "z1-to-z2")}
     run_jobs(config, [job(dirs["ref-z2"], "train.zero_stage=2"),
                       job(dirs["2to1-z2"], "train.zero_stage=2", f"train.stop_at_step={K}"),
-                      job(dirs["2to1-z3"], "train.zero_stage=3", "train.precision=bf16", f"train.stop_at_step={K}")],
+                      job(dirs["2to1-z3"], "train.zero_stage=3", "train.precision=bf16", f"train.stop_at_step={K}"),
+                      job(dirs["z1-to-z2"], "train.zero_stage=1", f"train.stop_at_step={K}")],
              tmp, nproc=2)
     run_jobs(config, [job(dirs["2to1-z2"], "train.zero_stage=2"),
                       job(dirs["2to1-z3"], "train.zero_stage=3", "train.precision=bf16"),
                       job(dirs["1to2-z1"], "train.zero_stage=1", f"train.stop_at_step={K}")], tmp, nproc=1)
-    run_jobs(config, [job(dirs["1to2-z1"], "train.zero_stage=1")], tmp, nproc=2)
+    run_jobs(config, [job(dirs["1to2-z1"], "train.zero_stage=1"), job(dirs["z1-to-z2"], "train.zero_stage=2")],
+             tmp, nproc=2)
     manifest = json.loads((trained_run["data_dir"] / "manifest.json").read_text())
     data = BlendedSamples(open_split(trained_run["data_dir"], manifest, "train", 32), {"docs": 1.0}, seed=1234)
     return {"dirs": dirs, "data": data}
@@ -81,3 +83,13 @@ def test_loss_continues_across_world_sizes(elastic_runs):
     ref, moved = losses(elastic_runs["dirs"]["ref-z2"]), losses(elastic_runs["dirs"]["2to1-z2"])
     assert moved[1] == ref[1] and moved[2] == ref[2]  # the 2-rank part, before the move
     assert [moved[3], moved[4]] == pytest.approx([ref[3], ref[4]], rel=1e-5)
+
+
+def test_resume_with_another_zero_stage_goes_through_a_universal_checkpoint(elastic_runs):
+    """Same 2 ranks, a ZeRO-1 checkpoint continued under ZeRO-2: the sample chain simply continues."""
+    run = elastic_runs["dirs"]["z1-to-z2"]
+    state = ckpt.latest_committed(run / "checkpoints").trainer_state()
+    assert state["zero_stage"] == 2 and state["data_segments"] == []
+    assert state["sample_digests"] == segment_digests(elastic_runs["data"], 0, N, 2)[0]
+    ref = losses(elastic_runs["dirs"]["ref-z2"])
+    assert losses(run) == pytest.approx(ref, rel=1e-5)

@@ -69,8 +69,11 @@ def resume_runs(trained_run, tmp_path_factory):
     jobs += [job(offload, *off, "train.stop_at_step=2"), job(offload, *off),
              job(infinity, "train.zero_stage=3", "train.offload_optimizer=true", "train.offload_params=true",
                  "model.activation_checkpointing=true")]
+    clock = tmp / "save-on-the-clock"
+    jobs.append(job(clock, "checkpoint.save_interval_steps=null", "checkpoint.save_interval_minutes=0.0001",
+                    "checkpoint.keep_last=1", "checkpoint.keep_every_steps=2"))
     results = run_jobs(config, jobs, tmp)
-    return {"dirs": dirs, "z0": z0, "offload": offload, "infinity": infinity, "results": results}
+    return {"dirs": dirs, "z0": z0, "offload": offload, "infinity": infinity, "clock": clock, "results": results}
 
 
 @pytest.mark.parametrize(("precision", "stage"), MATRIX)
@@ -126,6 +129,17 @@ def test_torch_compile_trains_like_eager(resume_runs, trained_run, tmp_path):
     run_jobs(trained_run["run_dir"] / "config.yaml", [job(run, "train.zero_stage=1", "train.compile=true")],
              tmp_path, nproc=2)
     assert losses(run) == pytest.approx(losses(resume_runs["dirs"]["fp32", 1][0]), rel=1e-4)
+
+
+def test_save_interval_minutes_saves_on_the_clock_and_keep_every_steps_retains(resume_runs):
+    """No step interval, a 6 ms clock: every step is due. Retention then keeps the newest one plus
+    every multiple of 2."""
+    from pipeline.train import checkpoint as ckpt
+
+    found = ckpt.committed_checkpoints(resume_runs["clock"] / "checkpoints")
+    assert [c.step for c in found] == [2, 4]
+    rows = [json.loads(line) for line in (resume_runs["clock"] / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "val/loss" in r] == [0, 1, 2, 3, 4]  # a validation at each save
 
 
 def test_consolidate_rebuilds_model_safetensors_from_zero_shards(resume_runs, tmp_path):

@@ -252,7 +252,8 @@ def test_embedded_ray_starts_without_dashboard_or_jobs_api(monkeypatch):
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw))
     prepare.init_ray(num_cpus=1)
-    assert seen.get("include_dashboard") is False and "address" not in seen
+    # a new local instance (never an address found on the machine), with no dashboard / Jobs API
+    assert seen.get("include_dashboard") is False and seen.get("address", "local") == "local"
     assert "dashboard_host" not in seen
 
 

@@ -40,14 +40,15 @@ def test_resume_plans_from_the_newest_committed_checkpoint_only(tmp_path):
 def test_a_world_size_or_stage_change_goes_through_a_universal_checkpoint(tmp_path):
     commit(tmp_path / "checkpoints", 2)
     assert plan_resume(cfg(tmp_path), 1, SHA).universal
-    assert plan_resume(cfg(tmp_path, "train.zero_stage=3"), 2, SHA).universal
+    assert plan_resume(cfg(tmp_path, "train.zero_stage=1"), 2, SHA).universal
     assert not plan_resume(cfg(tmp_path), 2, SHA).universal
 
 
 @pytest.mark.parametrize(("state", "overrides", "match"), [
     ({"data_manifest_sha256": "cd" * 32}, [], "different dataset"),
     ({"global_batch_size": 16}, [], "global_batch_size"),
-    ({}, ["train.zero_stage=0"], "ZeRO-0"),
+    ({}, ["train.zero_stage=0"], "ZeRO-1 ↔ ZeRO-2"),
+    ({}, ["train.zero_stage=3"], "ZeRO-1 ↔ ZeRO-2"),
 ])
 def test_a_checkpoint_that_cannot_continue_this_run_is_refused(tmp_path, state, overrides, match):
     commit(tmp_path / "checkpoints", 2, **state)
