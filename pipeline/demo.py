@@ -43,7 +43,7 @@ def run_demo(run_dir: str, overrides: list[str], config_path: Path) -> int:
         "",
         f"demo finished: validation loss {first:.3f} at step 0 → {result['loss']:.3f} at step "
         f"{result['step']} (perplexity {result['perplexity']:.1f})",
-        f"  shards:       {cfg.data.output_dir}/{{train,validation}}.{{bin,idx}} (manifest.json)",
+        f"  shards:       {cfg.data.output_dir}/{{train,validation}}/<source>-NNNNN.{{bin,idx}} (manifest.json)",
         f"  checkpoints:  {run / 'checkpoints'} (newest: {result['checkpoint']})",
         f"  eval results: {Path(result['checkpoint']) / 'eval.json'}",
         f"  metrics:      {run / 'metrics.jsonl'}",
