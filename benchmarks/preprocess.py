@@ -3,9 +3,14 @@
     python benchmarks/preprocess.py CORPUS.jsonl[.gz] [--workers 2] [--rounds 2] [--repeat 1]
 
 - **ours**: `prepare()` end to end — read → clean (NFC) → tokenize → pack → write shards + quarantine +
-  manifest with sha256 (dedup off, the tokenizer given so none is trained). *cold* is the first call
-  after `ray.init` (it starts Ray's worker processes); *warm* a second call (workers running). The
-  time of `ray.init` itself is printed apart.
+  manifest with sha256 (dedup off, the tokenizer given so none is trained). Every round runs it in a
+  fresh Python process (nothing started, nothing cached) and times the call to `prepare()` until it
+  returns, so whatever it starts is counted: forking the local executor's processes, or `ray.init`
+  and Ray's worker processes. Rows: *local* (`data.executor: auto`, which picks local for this
+  corpus), *ray, cold* (`executor: ray`, the first call, `ray.init` included) and *ray, warm* (a
+  second call in the same process, Ray's workers running). The process's start and its import of
+  `pipeline.data.prepare` (the same for every executor; the baselines' imports happen in this
+  process beforehand, uncounted too) are printed apart, not counted.
 - **HF datasets**: `load_dataset("json")` + `map(batched=True, num_proc=N)` with the same tokenizer as
   a `transformers` PreTrainedTokenizerFast, end of document appended (Arrow cache in a fresh dir).
 - **Megatron-style**: `tools/preprocess_data.py`'s design: a `multiprocessing.Pool(N)` whose workers
@@ -13,10 +18,10 @@
   the parent writing a uint16 `.bin` and an MMIDIDX `.idx`.
 
 All three use one BPE tokenizer trained on CORPUS beforehand (not timed) and must produce the same
-number of tokens. Each round runs the two baselines first with Ray stopped, then starts Ray for ours.
-tokens/s = tokens written (documents + one end-of-document each) / wall seconds of the step. On a
-shared machine wall time depends on what else runs, so the CPU seconds every process of a method
-used (pool workers, or Ray's GCS, raylet and workers plus the driver) are printed per million tokens.
+number of tokens. Each round runs the two baselines first, then ours. tokens/s = tokens written
+(documents + one end-of-document each) / wall seconds of the step. On a shared machine wall time
+depends on what else runs, so the CPU seconds every process of a method used (pool workers, or Ray's
+GCS, raylet and workers plus the driver) are printed per million tokens.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import multiprocessing as mp
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -97,14 +103,42 @@ def hf_datasets(corpus: Path, tokenizer_path: str, eod: int, workers: int, out: 
 
 # ---- ours ------------------------------------------------------------------------------------------
 
-def ours(corpus: Path, tokenizer_path: str, workers: int, out: Path) -> tuple[int, str]:
-    from pipeline.config import DataConfig
-    from pipeline.data.prepare import prepare
+_OURS = """
+import json, os, sys, time
+t0 = time.perf_counter()
+sys.path[:0] = [{root!r}, {bench!r}]
+from pipeline.config import DataConfig
+from pipeline.data.prepare import prepare
+from preprocess import _own_cpu_seconds, _ray_cpu_seconds
+imported = time.perf_counter() - t0
+rows = []
+for executor in {executors!r}:
+    cfg = DataConfig(sources=[{{"path": {corpus!r}}}], output_dir={out!r}, num_cpus={workers},
+                     tokenizer={{"path": {tokenizer!r}}}, executor=executor)
+    ray_before = _ray_cpu_seconds() if rows and executor == "ray" else 0.0
+    cpu0, t = _own_cpu_seconds() + ray_before, time.perf_counter()
+    m = prepare(cfg, log=lambda *_: None, force=True)
+    wall = time.perf_counter() - t
+    cpu = _own_cpu_seconds() + (_ray_cpu_seconds() if executor == "ray" else 0.0) - cpu0
+    rows.append({{"tokens": sum(m["splits"][s]["tokens"] for s in m["splits"]), "wall": wall, "cpu": cpu,
+                  "executor": m["executor"]["name"], "encoder": m["tokenizer"]["encoder"],
+                  "ray_start": m["throughput"]["stage_seconds"].get("ray_start")}})
+print("RESULT " + json.dumps({{"imported": imported, "rows": rows}}))
+"""
 
-    cfg = DataConfig(sources=[{"path": str(corpus)}], output_dir=str(out / "ours"), num_cpus=workers,
-                     tokenizer={"path": tokenizer_path})
-    manifest = prepare(cfg, log=lambda *_: None, force=True)
-    return sum(manifest["splits"][s]["tokens"] for s in manifest["splits"]), manifest["tokenizer"]["encoder"]
+
+def ours(corpus: Path, tokenizer_path: str, workers: int, out: Path, executors: tuple[str, ...]) -> dict:
+    """prepare() in a fresh Python process, once per entry of ``executors`` (same process)."""
+    code = _OURS.format(root=str(ROOT), bench=str(Path(__file__).resolve().parent), executors=list(executors),
+                        corpus=str(corpus), out=str(out / "ours"), workers=workers, tokenizer=tokenizer_path)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+    total = time.perf_counter() - t0
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError(f"our prepare failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return {**json.loads(line[len("RESULT "):]), "process": total}
 
 
 def _cpu() -> str:
@@ -116,7 +150,8 @@ def _cpu() -> str:
 
 
 def _own_cpu_seconds() -> float:
-    """CPU time of this process and of its children that have exited (the pools' workers)."""
+    """CPU time of this process and of its children that have exited (the pools' workers, the local
+    executor's processes)."""
     t = os.times()
     return t.user + t.system + t.children_user + t.children_system
 
@@ -141,14 +176,13 @@ def _ray_cpu_seconds() -> float:
     return total
 
 
-def _measured(fn, *args, ray_running: bool = False) -> tuple[float, float, object]:
-    """(wall seconds, CPU seconds of every process involved, result)."""
-    cpu0 = _own_cpu_seconds() + (_ray_cpu_seconds() if ray_running else 0.0)
+def _measured(fn, *args) -> tuple[float, float, object]:
+    """(wall seconds, CPU seconds of this process and its exited children, result)."""
+    cpu0 = _own_cpu_seconds()
     t0 = time.perf_counter()
     result = fn(*args)
     wall = time.perf_counter() - t0
-    cpu = _own_cpu_seconds() + (_ray_cpu_seconds() if ray_running else 0.0) - cpu0
-    return wall, cpu, result
+    return wall, _own_cpu_seconds() - cpu0, result
 
 
 def main() -> int:
@@ -160,14 +194,9 @@ def main() -> int:
     ap.add_argument("--vocab-size", type=int, default=8192)
     args = ap.parse_args()
 
-    import ray
-    import tiktoken
-    import tokenizers
-    import transformers
-    import datasets
+    from importlib.metadata import version
 
     from pipeline.config import TokenizerConfig
-    from pipeline.data.prepare import init_ray
     from pipeline.data.tokenizer import train_tokenizer
 
     tmp = Path(tempfile.mkdtemp(prefix="preprocess-bench-"))
@@ -188,9 +217,8 @@ def main() -> int:
         del texts
         print(f"corpus {args.corpus} ×{args.repeat}: {mb:.1f} MB of text; BPE vocabulary {args.vocab_size}; "
               f"{args.workers} workers on {_cpu()}")
-        print(f"python {platform.python_version()}, ray {ray.__version__}, tokenizers {tokenizers.__version__}, "
-              f"tiktoken {tiktoken.__version__}, datasets {datasets.__version__}, "
-              f"transformers {transformers.__version__}")
+        print(f"python {platform.python_version()}, " + ", ".join(
+            f"{pkg} {version(pkg)}" for pkg in ("ray", "tokenizers", "tiktoken", "datasets", "transformers")))
         baselines = (("Megatron-style Pool → uint16 .bin", megatron_style), ("HF datasets.map(num_proc)", hf_datasets))
         rows: dict[str, list[tuple[int, float, float]]] = {}  # (tokens, wall s, CPU s) per round
         for r in range(args.rounds):
@@ -199,12 +227,17 @@ def main() -> int:
                 shutil.rmtree(tmp / "hf-cache", ignore_errors=True)
                 wall, cpu, n = _measured(fn, corpus, tok_path, eod, args.workers, tmp)
                 rows.setdefault(name, []).append((n, wall, cpu))
-            t_init = _measured(init_ray, args.workers)[0]
-            for name in ("ours, cold (first prepare after ray.init)", "ours, warm (Ray workers running)"):
-                wall, cpu, (n, encoder) = _measured(ours, corpus, tok_path, args.workers, tmp, ray_running=True)
-                rows.setdefault(name, []).append((n, wall, cpu))
-            ray.shutdown()
-            print(f"round {r + 1}: 1-min load average before {load:.2f}, ray.init {t_init:.1f}s, our encoder {encoder}")
+            local = ours(corpus, tok_path, args.workers, tmp, ("auto",))
+            on_ray = ours(corpus, tok_path, args.workers, tmp, ("ray", "ray"))
+            named = [(f"ours, auto → {local['rows'][0]['executor']} executor (cold, fresh process)", local["rows"][0]),
+                     ("ours, ray executor, cold (fresh process, ray.init included)", on_ray["rows"][0]),
+                     ("ours, ray executor, warm (2nd call, Ray workers running)", on_ray["rows"][1])]
+            for name, row in named:
+                rows.setdefault(name, []).append((row["tokens"], row["wall"], row["cpu"]))
+            print(f"round {r + 1}: 1-min load average before {load:.2f}; our encoder {local['rows'][0]['encoder']}; "
+                  f"not counted: `import pipeline.data.prepare` {local['imported']:.2f}s (the local row's whole "
+                  f"child process — Python start, imports, prepare, exit — took {local['process']:.2f}s); "
+                  f"ray.init inside the cold Ray row {on_ray['rows'][0]['ray_start']:.2f}s")
         base = np.median([n / w for n, w, _ in rows[baselines[0][0]]])
         print("\n| method | tokens | wall s per round | tokens/s (median) | × Megatron-style | CPU-s per M tokens (median) |")
         print("|---|---:|---:|---:|---:|---:|")

@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-address", default=None,
                    help="join this Ray cluster (default: RAY_ADDRESS, else an embedded Ray)")
     p.add_argument("--force", action="store_true", help="re-run every stage even if its outputs are current")
+    p.add_argument("--append", action="store_true",
+                   help="grow the existing dataset with the config's new input files (continued pretraining): "
+                   "existing shards are kept byte for byte, new ones added; runs on it resume where they stopped")
 
     p = sub.add_parser("train", help="train with DeepSpeed over the prepared shards",
                        description="Trains the configured model with DeepSpeed/ZeRO. Under torchrun, "
@@ -170,7 +173,16 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_prepare(args) -> int:
     from pipeline.data.prepare import prepare
 
+    from pipeline.data.append import append, refuse_rebuild
+
     cfg = load_config(args.config, args.overrides)
+    if args.append:
+        if args.force:
+            raise ConfigError("--append and --force exclude each other (--force rebuilds the whole dataset)")
+        append(cfg.data, ray_address=args.ray_address)
+        return 0
+    if not args.force:
+        refuse_rebuild(cfg.data)
     prepare(cfg.data, ray_address=args.ray_address, force=args.force)
     return 0
 

@@ -166,10 +166,25 @@ class DataConfig(Section):
     shard_max_tokens: int = Field(
         50_000_000, ge=1024, description="Start a new .bin/.idx shard after this many tokens."
     )
-    num_cpus: int | None = Field(None, ge=1, description="CPUs for the embedded Ray runtime (None: all).")
+    executor: Literal["auto", "ray", "local"] = Field(
+        "auto",
+        description="What runs the stages. ray: Ray Data workers (embedded Ray, or the cluster at "
+        "--ray-address / RAY_ADDRESS). local: no Ray; the same stage functions in num_cpus processes "
+        "forked from the driver (one machine). auto: local when no Ray address is given, Ray is not "
+        "already running in this process and the input files total at most local_max_bytes on disk; "
+        "else ray. Does not change the output.",
+    )
+    local_max_bytes: int = Field(
+        256 << 20, ge=0, description="executor auto: inputs up to this many bytes on disk (compressed "
+        "size, summed over every source file) run locally; larger ones on Ray.",
+    )
+    num_cpus: int | None = Field(
+        None, ge=1, description="CPUs to use: worker processes of the local executor, or CPUs of the "
+        "embedded Ray runtime (None: all of this machine's).",
+    )
     block_bytes: int = Field(
-        1 << 20, ge=4096, description="Target size of a Ray Data block of text; smaller blocks spread one "
-        "large file over more workers. Does not change the output.",
+        1 << 20, ge=4096, description="Target size of a block of text (the unit of work of a worker); "
+        "smaller blocks spread one large file over more workers. Does not change the output.",
     )
 
     @field_validator("output_dir")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from pipeline.config import load_config
@@ -26,9 +27,8 @@ def run_demo(run_dir: str, overrides: list[str], config_path: Path) -> int:
     print(f"demo: corpus of {n_docs} standard-library docstrings → {corpus}")
 
     prepare(cfg.data)
-    import ray
-
-    ray.shutdown()  # free the cores for training
+    if "ray" in sys.modules:  # prepare ran on Ray (the local executor does not import it)
+        sys.modules["ray"].shutdown()  # free the cores for training
     code = local.run_torchrun(cfg) if cfg.train.nproc_per_node > 1 else (local.run_single_process(cfg) and 0)
     if code:
         print(f"demo: training failed with exit code {code}")

@@ -199,7 +199,8 @@ def _check_data(cfg: PipelineConfig, checks: list[Check]) -> dict | None:
                             f"sample of train.seq_len + 1 = {cfg.train.seq_len + 1}"))
     recorded = dict(manifest.get("config") or {})
     current = cfg.data.model_dump(mode="json")
-    recorded.pop("num_cpus", None), current.pop("num_cpus", None)
+    for how in ("num_cpus", "executor", "local_max_bytes", "block_bytes"):  # change how, not what, is written
+        recorded.pop(how, None), current.pop(how, None)
     changed = sorted(k for k in set(recorded) | set(current) if recorded.get(k) != current.get(k))
     if recorded and changed:
         checks.append(Check("data", False, f"the config's data section differs from the one this dataset "
@@ -211,7 +212,7 @@ def _check_data(cfg: PipelineConfig, checks: list[Check]) -> dict | None:
 def _check_checkpoint(cfg: PipelineConfig, manifest: dict | None, checks: list[Check]) -> None:
     import yaml
 
-    from pipeline.data.manifest import manifest_sha256
+    from pipeline.data.manifest import manifest_sha256, same_or_grown
     from pipeline.train.checkpoint import CheckpointError, latest_committed
 
     root = f"{cfg.run_dir}/checkpoints"
@@ -235,17 +236,20 @@ def _check_checkpoint(cfg: PipelineConfig, manifest: dict | None, checks: list[C
     if saved_batch != cfg.train.global_batch_size:
         problems.append(f"train.global_batch_size: checkpoint {saved_batch}, config "
                         f"{cfg.train.global_batch_size} (the sample order depends on it)")
-    if manifest is not None and state.get("data_manifest_sha256") != manifest_sha256(cfg.data.output_dir):
+    if manifest is not None and not same_or_grown(manifest, manifest_sha256(cfg.data.output_dir),
+                                                  state.get("data_manifest_sha256", "")):
         problems.append("data: the checkpoint was trained on a different dataset (manifest sha256 differs)")
     if problems:
         checks.append(Check("checkpoint", False, f"{newest.path} cannot be resumed with this config: "
                             + "; ".join(problems) + ". Use a new run_dir or the original config"))
         return
     step = state.get("step", newest.step)
+    grown = manifest is not None and state.get("data_manifest_sha256") != manifest_sha256(cfg.data.output_dir)
+    era = " on a dataset grown by `prepare --append` since (a new data era starts there)" if grown else ""
     budget = (f"; train.max_steps ({cfg.train.max_steps}) is reached: `pretrain train` will do nothing"
               if step >= cfg.train.max_steps else f", {cfg.train.max_steps - step} steps to go")
     checks.append(Check("checkpoint", True, f"resumes from {newest.path} at step {step} (trained on world size "
-                        f"{state.get('world_size')}){budget}"))
+                        f"{state.get('world_size')}){era}{budget}"))
 
 
 def preflight(cfg: PipelineConfig, world_size: int) -> tuple[PipelineConfig, list[Check]]:

@@ -87,16 +87,17 @@ def verify_inputs(cfg) -> None:
     """Raise ManifestError / CheckpointError naming the file if the data or the checkpoint to resume
     from differs from what was recorded (manifest.json, COMMIT), or if that checkpoint was trained
     on another dataset. Reads files; starts nothing."""
-    from pipeline.data.manifest import manifest_sha256, verify_manifest
+    from pipeline.data.manifest import manifest_sha256, same_or_grown, verify_manifest
     from pipeline.train.checkpoint import latest_committed
 
-    verify_manifest(cfg.data.output_dir)
+    manifest = verify_manifest(cfg.data.output_dir)
     latest = latest_committed(Path(cfg.run_dir) / "checkpoints", verify=True)
     if latest is not None:
         trained_on = latest.trainer_state().get("data_manifest_sha256")
-        if trained_on and trained_on != manifest_sha256(cfg.data.output_dir):
+        if trained_on and not same_or_grown(manifest, manifest_sha256(cfg.data.output_dir), trained_on):
             raise CheckpointError(
                 f"{latest.path}: was trained on a different dataset than {cfg.data.output_dir} (manifest "
                 f"sha256 {trained_on[:12]}… vs {manifest_sha256(cfg.data.output_dir)[:12]}…); use a new "
-                f"run_dir or the original data.output_dir"
+                f"run_dir or the original data.output_dir (to add data to a run, grow its dataset with "
+                f"`pretrain prepare --append`)"
             )

@@ -11,13 +11,20 @@ On Ray: signatures are computed in ``map_batches`` next to cleaning; a ``groupby
 vectorized Count over all bucket keys (a hash shuffle) finds the buckets with more than one member;
 one more ``map_batches`` pass brings only the documents in those buckets to the driver. The driver
 holds the duplicates and their originals, never the corpus.
+
+Locally (``find_duplicates_local``, the local executor): the same steps in the driver, with the
+per-document rows and bucket keys spilled to files (the keys hash-partitioned, one partition counted
+at a time) in place of Ray's object store and shuffle. Both end in ``_group`` on the same rows, so
+they find the same duplicates.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -81,6 +88,7 @@ class MinHasher:
         return sig.astype(np.uint32)
 
 
+@functools.lru_cache(maxsize=16)  # a few ms, and bucket_keys asks for every block
 def lsh_params(threshold: float, num_perm: int, bands: int | None = None) -> tuple[int, int]:
     """(bands, rows per band). With bands None: the split minimizing the area of false positives
     below the threshold plus four times the false negatives above it (candidates are checked
@@ -196,10 +204,12 @@ def _shared_keys(batch: dict) -> dict:
 
 
 def _colliding_docs(batch: dict, dedup: dict, colliding_ref) -> dict:
-    import ray
-
     cfg = DedupConfig(**dedup)
-    colliding = ray.get(colliding_ref)
+    colliding = colliding_ref
+    if type(colliding_ref).__name__ == "ObjectRef":
+        import ray
+
+        colliding = ray.get(colliding_ref)
     good = batch["reason"] == ""
     exact, ids = batch["exact"][good], batch["doc_id"][good]
     sigs = batch["sig"][good] if cfg.near else None
@@ -232,7 +242,13 @@ def find_duplicates(meta, cfg: DedupConfig, num_partitions: int) -> list[Duplica
         _colliding_docs, fn_kwargs={"dedup": dedup, "colliding_ref": ray.put(colliding)},
         batch_format="numpy", batch_size=None,
     )
-    parts = list(docs.iter_batches(batch_size=65536, batch_format="numpy"))
+    return _group(list(docs.iter_batches(batch_size=65536, batch_format="numpy")), cfg)
+
+
+def _group(parts: list[dict], cfg: DedupConfig) -> list[Duplicate]:
+    """The duplicates among the documents of colliding buckets (batches of ``_colliding_docs`` rows)."""
+    if not parts:
+        return []
     ids = np.concatenate([p["doc_id"] for p in parts])
     exact = np.concatenate([p["exact"] for p in parts])
     keys = np.concatenate([p["keys"] for p in parts])
@@ -244,3 +260,58 @@ def find_duplicates(meta, cfg: DedupConfig, num_partitions: int) -> list[Duplica
     flat = keys.reshape(-1)
     pairs = candidate_pairs(flat[flat != 0], member[flat != 0])
     return resolve(ids, exact, sigs, pairs, cfg.threshold)
+
+
+# ---- local: the same computation in one process, spilling to disk ------------------------------
+
+def find_duplicates_local(meta_batches, cfg: DedupConfig, spill_dir: Path, partitions: int = 16) -> list[Duplicate]:
+    """Duplicates among the good rows of ``meta_batches`` (an iterable of ``scan_batch`` outputs, as
+    the local executor yields them), with the same result as ``find_duplicates``.
+
+    The same steps as on Ray, with files in ``spill_dir`` instead of the object store, so memory does
+    not grow with the corpus: each batch's good rows (ids, exact keys, signatures) are appended to
+    files, and its bucket keys to one of ``partitions`` files chosen by the key's top bits; counting
+    each partition's keys (one at a time) gives the colliding keys; one pass over the spilled rows
+    picks out the documents in colliding buckets, which are grouped exactly as on Ray."""
+    if not (cfg.exact or cfg.near):
+        for _ in meta_batches:
+            pass
+        return []
+    dedup = cfg.model_dump()
+    spill_dir.mkdir(parents=True, exist_ok=True)
+    names = ["doc_id", "exact", "sig"] if cfg.near else ["doc_id", "exact"]
+    rows = {name: open(spill_dir / f"{name}.bin", "wb") for name in names}
+    parts = [open(spill_dir / f"keys-{p:03d}.bin", "wb") for p in range(partitions)]
+    shift = np.uint64(64 - max(1, int(np.ceil(np.log2(partitions)))))
+    try:
+        for batch in meta_batches:
+            good = batch["reason"] == ""
+            good_rows = {name: np.ascontiguousarray(batch[name][good]) for name in names}
+            for name in names:
+                good_rows[name].tofile(rows[name])
+            keys = bucket_keys(good_rows["exact"], good_rows.get("sig"), cfg).reshape(-1)
+            part = (keys.view(_U64) >> shift) % _U64(partitions)
+            for p in np.unique(part).tolist():
+                keys[part == p].tofile(parts[p])
+    finally:
+        for f in [*rows.values(), *parts]:
+            f.close()
+    colliding = []
+    for p in range(partitions):
+        keys, counts = np.unique(np.fromfile(spill_dir / f"keys-{p:03d}.bin", dtype=np.int64), return_counts=True)
+        colliding.append(keys[counts > 1])
+    colliding = np.unique(np.concatenate(colliding))
+    if not len(colliding):
+        return []
+    n = (spill_dir / "doc_id.bin").stat().st_size // 8
+    found = []
+    for start in range(0, n, 65536):  # the spilled rows, a chunk at a time
+        count = min(65536, n - start)
+        chunk = {"doc_id": np.fromfile(spill_dir / "doc_id.bin", np.int64, count, offset=start * 8),
+                 "exact": np.fromfile(spill_dir / "exact.bin", _U64, count * 2, offset=start * 16).reshape(-1, 2)}
+        if cfg.near:
+            chunk["sig"] = np.fromfile(spill_dir / "sig.bin", np.uint32, count * cfg.num_perm,
+                                       offset=start * 4 * cfg.num_perm).reshape(-1, cfg.num_perm)
+        chunk["reason"] = np.full(count, "", dtype=object)
+        found.append(_colliding_docs(chunk, dedup, colliding))
+    return _group(found, cfg)

@@ -217,9 +217,12 @@ class BlendedSamples:
         self.sources = [sources[n] for n in self.names]
         self.weights = [float(weights.get(n, 1.0)) for n in self.names]
         self.seed = seed
+        self.eras = None  # an eras.EraStream once the dataset grew during the run (see eras.py)
 
     def ids(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(source index, sample id) for each global position."""
+        if self.eras is not None:
+            return self.eras.ids(positions)
         src, draw = blend(self.seed, self.weights, positions)
         sid = np.empty_like(draw)
         for s in np.unique(src):

@@ -68,3 +68,10 @@ def verify_manifest(root: str | Path) -> dict:
 
 def manifest_sha256(root: str | Path) -> str:
     return hashlib.sha256((Path(root) / MANIFEST).read_bytes()).hexdigest()
+
+
+def same_or_grown(manifest: dict, current_sha: str, trained_sha: str) -> bool:
+    """True when a checkpoint trained on ``trained_sha`` may continue on this manifest: it is the
+    same dataset, or one grown from it by `pretrain prepare --append` (its ``lineage`` lists every
+    manifest it grew from)."""
+    return trained_sha == current_sha or trained_sha in (manifest.get("lineage") or [])

@@ -6,11 +6,14 @@ Three stages, each skipped when its fingerprint still matches (see stages.py):
     tokenizer  train on the kept documents              tokenizer.json (or a copy of data.tokenizer.path)
     shards     read → clean → quarantine / drop duplicates / encode → shards, quarantine.jsonl, manifest.json
 
-Ray Data does the reading, cleaning, MinHash signatures and encoding in workers. The driver only
-streams results through in a fixed order (``preserve_order``), so the output is byte-identical
-whatever the number of workers or blocks, and writes them as they arrive, so its memory does not
-grow with the corpus. Nothing is lost silently: for every source, documents in = kept +
-quarantined + deduplicated, checked before the manifest is written.
+An executor (executors.py, ``data.executor``) applies the stage functions of workers.py to blocks of
+records: ``local`` in processes forked from the driver, without Ray (the default for inputs up to
+``data.local_max_bytes`` when no Ray address is given), or ``ray`` in Ray Data workers (larger inputs,
+a cluster). Either way the driver receives the results in corpus order and writes them as they
+arrive, so the output is byte-identical whatever the executor, number of workers or blocks, and the
+driver's memory does not grow with the corpus. The dedup pass records which documents the quality
+filters dropped, so the later passes do not run the filters again. Nothing is lost silently: for
+every source, documents in = kept + quarantined + deduplicated, checked before the manifest is written.
 """
 
 from __future__ import annotations
@@ -28,69 +31,46 @@ import pipeline
 from pipeline.config import ConfigError, DataConfig
 from pipeline.data import workers
 from pipeline.data.clean import clean_text
-from pipeline.data.dedup import find_duplicates
+from pipeline.data.executors import (
+    LocalExecutor, RayExecutor, choose_executor, init_ray, input_bytes, ray_running,
+)
 from pipeline.data.fast_tokenizer import choose_encoder
 from pipeline.data.manifest import MANIFEST, ManifestError, verify_manifest, write_manifest
 from pipeline.data.shards import RollingShardWriter, token_dtype
 from pipeline.data.sources import (
     SourceFile, doc_ids, list_source_files, position_unit, read_file, split_doc_id, split_doc_ids,
 )
-from pipeline.data.stages import Progress, fingerprints, load_stage, save_stage, summary_table
+from pipeline.data.stages import Progress, fingerprints, input_hashes, load_stage, save_stage, summary_table
 from pipeline.data.tokenizer import TokenizerError, load_tokenizer, special_ids, train_tokenizer
 
 SPLITS = ("train", "validation")
 QUARANTINE, DUPLICATES, TOKENIZER = "quarantine.jsonl", "duplicates.jsonl", "tokenizer.json"
+FILTERED = ".stages/dedup-filtered.npy"  # the dedup pass's filter verdicts: [doc id, clean.FILTERS index]
 
 
 class PrepareError(ValueError):
     """The corpus cannot make a usable dataset (nothing left, or a split would be empty)."""
 
 
-def init_ray(num_cpus: int | None = None, address: str | None = None) -> None:
-    """Embedded Ray by default; `address` (or RAY_ADDRESS) joins an existing cluster."""
-    import logging
-
-    import ray
-
-    if ray.is_initialized():
-        return
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        # "local": a new instance even if `ray start` left a cluster on this machine (plain
-        # ray.init() would join that one, and then refuse num_cpus)
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
-                 log_to_driver=False)
-
-
 class _Corpus:
     """The files of every source and how to read and name their records."""
 
-    def __init__(self, cfg: DataConfig):
+    def __init__(self, cfg: DataConfig, only: set[str] | None = None):
         if not cfg.sources:
             raise ConfigError("data.sources: no sources configured; add at least one path")
         self.cfg = cfg
-        self.files = [f for i, s in enumerate(cfg.sources) for f in list_source_files(s, i)]
+        # ``only``: the labels of the files to read (`prepare --append` reads the new ones); the
+        # others keep their index, so doc ids and quarantine positions name the same places
+        self.files = [f for i, s in enumerate(cfg.sources) for f in list_source_files(s, i)
+                      if only is None or f.label in only]
         self.by_id = {(f.source, f.index): f for f in self.files}
         self.names = [s.resolved_name for s in cfg.sources]
+        self.input_bytes = input_bytes(self.files)
 
     def items(self) -> list[dict]:
         return [{"source": f.source, "file": f.index, "path": str(Path(f.path).resolve()), "format": f.format,
                  "part": f.part or "", "text_field": self.cfg.sources[f.source].text_field,
                  "text_unit": self.cfg.sources[f.source].text_unit} for f in self.files]
-
-    def records(self):
-        """Ray Dataset of every raw record: doc_id, text, reason, raw."""
-        import ray
-
-        # At most one read task per file. A concurrency of its own also keeps Ray Data from fusing
-        # reading with the next operator, which would then process a whole file in one task.
-        return ray.data.from_items(self.items(), override_num_blocks=len(self.files)).map_batches(
-            workers.read_batches, batch_size=1, fn_kwargs={"block_bytes": self.cfg.block_bytes},
-            concurrency=len(self.files),
-        )
 
     def where(self, doc_id: int) -> dict:
         """A record's place for the quarantine and duplicates files: its file and position in it."""
@@ -106,19 +86,12 @@ class _Corpus:
         return self.cfg.sources[split_doc_id(doc_id)[0]].path
 
 
-def _dedup(corpus: _Corpus, out: Path, fingerprint: str, log) -> dict:
-    """read → clean → MinHash in workers; find duplicates on Ray; write duplicates.jsonl."""
-    import ray
-
+def _dedup(corpus: _Corpus, ex, out: Path, fingerprint: str, log) -> dict:
+    """read → clean → MinHash; find duplicates; write duplicates.jsonl and the filter verdicts."""
     cfg, n = corpus.cfg, len(corpus.names)
     t0 = time.time()
     log(f"dedup: reading, cleaning and hashing {len(corpus.files):,} files of {n} sources")
-    meta = corpus.records().map_batches(
-        workers.scan_batch, batch_format="numpy", batch_size=None,
-        fn_kwargs={"clean": cfg.clean.model_dump(), "dedup": cfg.dedup.model_dump()},
-    ).materialize()  # small rows (no text) that find_duplicates reads twice
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    duplicates = find_duplicates(meta, cfg.dedup, num_partitions=max(1, min(64, cpus)))
+    duplicates, records, filtered = ex.duplicates(corpus, out / ".dedup-spill")
     exact, near = np.zeros(n, np.int64), np.zeros(n, np.int64)
     with open(out / (DUPLICATES + ".tmp"), "w", encoding="utf-8") as f:
         for d in duplicates:
@@ -129,9 +102,13 @@ def _dedup(corpus: _Corpus, out: Path, fingerprint: str, log) -> dict:
                                 **corpus.where(d.doc_id), "kind": d.kind, "similarity": round(d.similarity, 4),
                                 "duplicate_of": first}, ensure_ascii=False) + "\n")
     os.replace(out / (DUPLICATES + ".tmp"), out / DUPLICATES)
+    (out / FILTERED).parent.mkdir(parents=True, exist_ok=True)
+    with open(out / (FILTERED + ".tmp"), "wb") as f:
+        np.save(f, filtered)
+    os.replace(out / (FILTERED + ".tmp"), out / FILTERED)
     log(f"dedup: {len(duplicates):,} duplicates ({int(exact.sum()):,} exact, {int(near.sum()):,} near) "
-        f"among {meta.count():,} records ({time.time() - t0:.1f}s)")
-    return save_stage(out, "dedup", fingerprint, [DUPLICATES], seconds=time.time() - t0,
+        f"among {records:,} records ({time.time() - t0:.1f}s)")
+    return save_stage(out, "dedup", fingerprint, [DUPLICATES, FILTERED], seconds=time.time() - t0,
                       exact=exact.tolist(), near=near.tolist())
 
 
@@ -141,7 +118,7 @@ def _removed_ids(out: Path) -> np.ndarray:
         return np.sort(np.array([json.loads(line)["doc_id"] for line in f], dtype=np.int64))
 
 
-def _tokenizer(corpus: _Corpus, out: Path, fingerprint: str, removed_ref, log) -> dict:
+def _tokenizer(corpus: _Corpus, ex, out: Path, fingerprint: str, removed_ref, filtered_ref, log) -> dict:
     """Train on the kept documents streamed through the driver (or copy data.tokenizer.path)."""
     tok_cfg = corpus.cfg.tokenizer
     t0 = time.time()
@@ -149,16 +126,22 @@ def _tokenizer(corpus: _Corpus, out: Path, fingerprint: str, removed_ref, log) -
         tokenizer = load_tokenizer(tok_cfg.path)
     else:
         log("tokenizer: training on the kept documents")
-        kept = corpus.records().map_batches(workers.kept_texts, batch_format="numpy", batch_size=None, fn_kwargs={
-            "clean": corpus.cfg.clean.model_dump(), "removed_ref": removed_ref})
+        kept = ex.map(corpus, workers.kept_texts, clean=corpus.cfg.clean.model_dump(), removed_ref=removed_ref,
+                      filtered_ref=filtered_ref)
         progress = Progress("tokenizer", log)
 
         def texts():
-            for i, row in enumerate(kept.iter_rows()):
-                if tok_cfg.train_sample_docs is not None and i >= tok_cfg.train_sample_docs:
-                    return
-                progress.update(1)
-                yield row["text"]
+            n = 0
+            try:
+                for batch in kept:
+                    for text in batch["text"]:
+                        if tok_cfg.train_sample_docs is not None and n >= tok_cfg.train_sample_docs:
+                            return
+                        n += 1
+                        progress.update(1)
+                        yield str(text)
+            finally:
+                getattr(kept, "close", lambda: None)()  # stops the workers when the sample is full
 
         tokenizer = train_tokenizer(texts(), tok_cfg)
     try:
@@ -198,20 +181,19 @@ class _Counts:
         self.by_reason: Counter = Counter()
 
 
-def _shards(corpus: _Corpus, out: Path, removed: np.ndarray, removed_ref, log) -> tuple[dict, _Counts, dict]:
+def _shards(corpus: _Corpus, ex, out: Path, removed: np.ndarray, removed_ref, filtered_ref, log,
+            allow_empty: bool = False) -> tuple[dict, _Counts, dict]:
     """read → clean → drop → encode in workers; the driver writes quarantine.jsonl and appends each
     kept document to its source's shard of its split (every k-th kept document → validation)."""
-    import ray
-
     cfg, names = corpus.cfg, corpus.names
     tokenizer = load_tokenizer(out / TOKENIZER)
     specials = special_ids(tokenizer, cfg.tokenizer)
     dtype = token_dtype(tokenizer.get_vocab_size())
     kind, why = choose_encoder(tokenizer.to_str(), _sample_texts(corpus, removed), cfg.tokenizer.fast_encoder)
     log(f"shards: encoding with {kind} ({why})")
-    encoded = corpus.records().map_batches(workers.encode_batch, batch_format="numpy", batch_size=None, fn_kwargs={
-        "clean": cfg.clean.model_dump(), "removed_ref": removed_ref, "tokenizer_ref": ray.put(tokenizer.to_str()),
-        "kind": kind, "eod_id": specials["eod"], "dtype": dtype.str})
+    encoded = ex.map(corpus, workers.encode_batch, clean=cfg.clean.model_dump(), removed_ref=removed_ref,
+                     filtered_ref=filtered_ref, tokenizer_ref=ex.tokenizer_arg(tokenizer.to_str(), kind), kind=kind,
+                     eod_id=specials["eod"], dtype=dtype.str)
     for split in SPLITS:  # shards of an earlier, different run
         shutil.rmtree(out / split, ignore_errors=True)
     every = max(2, round(1 / cfg.validation_fraction))
@@ -221,7 +203,7 @@ def _shards(corpus: _Corpus, out: Path, removed: np.ndarray, removed_ref, log) -
     progress = Progress("shards", log)
     try:
         with open(out / (QUARANTINE + ".tmp"), "w", encoding="utf-8") as q:
-            for b in encoded.iter_batches(batch_size=None, batch_format="numpy"):
+            for b in encoded:
                 source = split_doc_ids(b["doc_id"])[0]
                 counts.records += np.bincount(source, minlength=len(names))
                 counts.duplicates += np.bincount(source[b["duplicate"]], minlength=len(names))
@@ -238,11 +220,11 @@ def _shards(corpus: _Corpus, out: Path, removed: np.ndarray, removed_ref, log) -
     finally:
         for w in writers.values():
             w.close()
-    if n == 0:
+    if n == 0 and not allow_empty:
         raise PrepareError(f"prepare: no usable documents: all {int(counts.records.sum()):,} records were quarantined "
                            f"or duplicates; see {out / QUARANTINE} and {out / DUPLICATES}")
     for split in SPLITS:
-        if sum(writers[split, i].num_tokens for i in range(len(names))) < 2:
+        if sum(writers[split, i].num_tokens for i in range(len(names))) < 2 and not allow_empty:
             raise PrepareError(f"prepare: the {split} split is empty ({n} documents kept); add documents or "
                                f"raise data.validation_fraction; see {out / QUARANTINE}")
     info = {"seconds": progress.seconds, "tokens": progress.tokens, "encoder": kind, "encoder_note": why,
@@ -264,55 +246,68 @@ def _is_current(out: Path, fingerprint: str) -> bool:
         return False
 
 
-def _stage(out: Path, name: str, fingerprint: str, force: bool, run, log) -> dict:
-    """The stage's completion record: reused when its fingerprint matches, else run it."""
+def _stage(out: Path, name: str, fingerprint: str, force: bool, run, log, files: tuple[str, ...] = ()) -> dict:
+    """The stage's completion record: reused when its fingerprint matches and it has ``files``, else run it."""
     record = None if force else load_stage(out, name, fingerprint)
-    if record:
+    if record and all(f in record.get("files", {}) for f in files):
         log(f"{name}: reused (its inputs and config are unchanged)")
         return {**record, "seconds": "reused"}
     return run()
 
 
-def prepare(cfg: DataConfig, ray_address: str | None = None, log=print, force: bool = False) -> dict:
-    """Run the data stages; returns the manifest written to ``output_dir/manifest.json``."""
-    import ray
-
+def _executor(cfg: DataConfig, corpus: _Corpus, ray_address: str | None, log):
+    """The executor this run uses (see executors.choose_executor), started, and its start seconds."""
+    name, why = choose_executor(cfg.executor, ray_address=ray_address, env_address=os.environ.get("RAY_ADDRESS"),
+                                input_bytes=corpus.input_bytes, local_max_bytes=cfg.local_max_bytes,
+                                ray_running=ray_running())
     t0 = time.time()
-    corpus = _Corpus(cfg)
+    if name == "ray":
+        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")  # Ray Data's INFO lines would drown ours
+        init_ray(cfg.num_cpus, ray_address)
+        ex = RayExecutor(cfg)
+    else:
+        ex = LocalExecutor(cfg)
+    seconds = time.time() - t0
+    log(f"prepare: {name} executor, {ex.describe()} ({why})")
+    return ex, why, seconds
+
+
+def prepare(cfg: DataConfig, ray_address: str | None = None, log=print, force: bool = False, *,
+            only_files: set[str] | None = None, allow_empty_splits: bool = False) -> dict:
+    """Run the data stages; returns the manifest written to ``output_dir/manifest.json``.
+
+    ``only_files`` (file labels) and ``allow_empty_splits`` serve `prepare --append` (append.py),
+    which prepares just the new files of a dataset, however few, in a staging directory."""
+    t0 = time.time()
+    corpus = _Corpus(cfg, only_files)
     out = Path(cfg.output_dir)
-    fps = fingerprints(cfg, corpus.files)
+    hashes = input_hashes(corpus.files)
+    fps = fingerprints(cfg, corpus.files, hashes)
     if not force and _is_current(out, fps["shards"]):
         log(f"prepare: {out} is up to date (same inputs and config); nothing to do")
         return json.loads((out / MANIFEST).read_text())
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # invalid until this run finishes
-    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")  # Ray Data's INFO lines would drown ours
-    t_ray = time.time()
-    init_ray(cfg.num_cpus, ray_address)
-    t_ray = time.time() - t_ray
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True
-    ctx.target_max_block_size = cfg.block_bytes
-    ctx.enable_progress_bars = False  # Progress logs instead
-    # Reserving CPUs per operator would keep some from the encoder while the (light) reader idles;
-    # backpressure on object-store memory still bounds what is in flight.
-    ctx.op_resource_reservation_enabled = False
-    # dedup's groupby: the task-based sort shuffle starts no aggregator actors (seconds each), which
-    # makes it several times faster here; Ray suggests its push-based variant beyond ~1 TB
-    ctx.shuffle_strategy = ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    ex, why, start_seconds = _executor(cfg, corpus, ray_address, log)
 
     n = len(corpus.names)
     if cfg.dedup.exact or cfg.dedup.near:
-        dedup = _stage(out, "dedup", fps["dedup"], force, lambda: _dedup(corpus, out, fps["dedup"], log), log)
+        dedup = _stage(out, "dedup", fps["dedup"], force, lambda: _dedup(corpus, ex, out, fps["dedup"], log), log,
+                       files=(DUPLICATES, FILTERED))
+        filtered = np.load(out / FILTERED)
     else:
         (out / DUPLICATES).write_text("")
         dedup = {"seconds": "off", "exact": [0] * n, "near": [0] * n}
+        filtered = None  # no dedup pass: the later passes run the filters themselves
     removed = _removed_ids(out)
-    removed_ref = ray.put(removed)
+    removed_ref = ex.share(removed)
+    filtered_ref = ex.share(filtered) if filtered is not None else None
     tok = _stage(out, "tokenizer", fps["tokenizer"], force,
-                 lambda: _tokenizer(corpus, out, fps["tokenizer"], removed_ref, log), log)
-    writers, counts, info = _shards(corpus, out, removed, removed_ref, log)
-    info["ray_start_seconds"] = t_ray
+                 lambda: _tokenizer(corpus, ex, out, fps["tokenizer"], removed_ref, filtered_ref, log), log)
+    writers, counts, info = _shards(corpus, ex, out, removed, removed_ref, filtered_ref, log, allow_empty_splits)
+    info.update(executor=ex.name, executor_note=why, start_seconds=start_seconds,
+                inputs=[{"source": corpus.names[f.source], "file": f.label, "sha256": hashes[f.path]}
+                        for f in corpus.files])
     manifest = _manifest(corpus, fps, dedup, tok, writers, counts, info, time.time() - t0)
     files = [TOKENIZER, QUARANTINE, DUPLICATES] + [f for w in writers.values() for f in w.files()]
     write_manifest(out, manifest, files)
@@ -346,18 +341,21 @@ def _manifest(corpus: _Corpus, fps: dict, dedup: dict, tok: dict, writers: dict,
                             for i, w in enumerate(ws)}}
 
     total = {k: sum(s[k] for s in sources) for k in ("records", "kept", "quarantined", "duplicates")}
+    ray_start = {"ray_start": round(info["start_seconds"], 3)} if info["executor"] == "ray" else {}
     return {
         "format": "megatron-mmidx",
         "code_version": pipeline.__version__,
         "fingerprint": fps["shards"],
         "stage_fingerprints": fps,
         "created_unix": int(time.time()),
+        "executor": {"name": info["executor"], "why": info["executor_note"]},
         "dtype": info["dtype"],
         "tokenizer": {"file": TOKENIZER, "type": cfg.tokenizer.type, "vocab_size": info["vocab_size"],
                       "eod_token": cfg.tokenizer.eod, "special_ids": info["specials"], "encoder": info["encoder"],
                       "encoder_note": info["encoder_note"]},
         "splits": {split: split_info(split) for split in SPLITS},
         "sources": sources,
+        "inputs": info["inputs"],  # what `prepare --append` compares new listings against
         "accounting": {"documents_in": total["records"], "kept": total["kept"],
                        "quarantined": total["quarantined"], "deduplicated": total["duplicates"]},
         "quarantine": {"file": QUARANTINE, "records": total["quarantined"],
@@ -366,8 +364,7 @@ def _manifest(corpus: _Corpus, fps: dict, dedup: dict, tok: dict, writers: dict,
                   "config": cfg.dedup.model_dump()},
         "throughput": {
             "seconds": round(seconds, 3),
-            "stage_seconds": {"ray_start": round(info["ray_start_seconds"], 3), "dedup": _secs(dedup),
-                              "tokenizer": _secs(tok), "shards": _secs(info)},
+            "stage_seconds": {**ray_start, "dedup": _secs(dedup), "tokenizer": _secs(tok), "shards": _secs(info)},
             "tokens_per_s": round(info["tokens"] / max(info["seconds"], 1e-9)),
         },
         "config": cfg.model_dump(mode="json"),

@@ -34,10 +34,15 @@ def _input_hash(path: str | Path) -> str:
     return sha256_file(path)
 
 
-def fingerprints(cfg: DataConfig, files: list[SourceFile]) -> dict[str, str]:
+def input_hashes(files: list[SourceFile]) -> dict[str, str]:
+    """sha256 of every input path (a saved HF dataset: of all its files together)."""
+    return {path: _input_hash(path) for path in sorted({sf.path for sf in files})}
+
+
+def fingerprints(cfg: DataConfig, files: list[SourceFile], hashes: dict[str, str] | None = None) -> dict[str, str]:
     """Fingerprint of each stage's output: the earlier stage's, its config fields, the code version."""
     sources = [s.model_dump(include={"path", "format", "text_field", "text_unit"}) for s in cfg.sources]
-    hashes = {path: _input_hash(path) for path in sorted({sf.path for sf in files})}
+    hashes = input_hashes(files) if hashes is None else hashes
     dedup = cfg.dedup.model_dump(include={"exact", "near"} if not cfg.dedup.near else None)
     kept = _digest("dedup", pipeline.__version__, sources, [(f.label, f.format) for f in files], hashes,
                    cfg.clean.model_dump(), dedup)  # which documents are kept, and their cleaned text

@@ -1,8 +1,15 @@
-"""The functions Ray Data runs in its workers for `pretrain prepare` (one batch in, one batch out).
+"""The stage functions of `pretrain prepare`, applied to one block of records at a time.
 
-Every stage re-reads and re-cleans the raw records rather than storing a cleaned copy of the corpus:
-cleaning is a pure function of the text, so each stage sees the same documents, and no stage needs
-disk for a second copy of the corpus. Arguments are plain dicts and refs so the functions pickle.
+Both executors (executors.py) run these same functions: Ray Data in its workers, the local
+executor in processes forked from the driver. A block is a dict of columns (``doc_id``, ``text``,
+``reason``, ``raw``) holding consecutive records of one file; every function returns one batch of
+columns for it. Arguments are plain dicts, arrays and Ray object refs so the functions pickle.
+
+Every stage re-reads the raw records rather than storing a cleaned copy of the corpus: cleaning is a
+pure function of the text, so each stage sees the same documents, and no stage needs disk for a
+second copy of the corpus. The quality filters are the expensive part of cleaning; when the dedup
+pass has run, it has recorded which documents a filter dropped (``filtered``: sorted doc ids and
+filter codes), and the later passes only normalize the text and look that verdict up.
 """
 
 from __future__ import annotations
@@ -13,12 +20,13 @@ from collections.abc import Iterator
 import numpy as np
 
 from pipeline.config import CleanConfig, DedupConfig
-from pipeline.data.clean import clean_text
+from pipeline.data.clean import FILTERS, clean_text, normalize
 from pipeline.data.dedup import MinHasher, exact_key, shingle_hashes
 from pipeline.data.fast_tokenizer import Encoder, ids_array
 from pipeline.data.sources import Record, SourceFile, doc_ids, read_file
 
 _MAX_ROWS = 4096
+_FILTER_REASONS = tuple(f"filter:{name}" for name in FILTERS)
 
 
 def _columns(records: list[Record], sf: SourceFile) -> dict:
@@ -30,12 +38,10 @@ def _columns(records: list[Record], sf: SourceFile) -> dict:
     }
 
 
-def read_batches(item: dict, block_bytes: int) -> Iterator[dict]:
-    """All records of one file (``item`` is a one-row batch), in blocks of about ``block_bytes``."""
-    sf = SourceFile(int(item["source"][0]), int(item["file"][0]), str(item["path"][0]), str(item["format"][0]),
-                    str(item["part"][0]) or None)
+def file_blocks(sf: SourceFile, text_field: str, text_unit: str, block_bytes: int) -> Iterator[dict]:
+    """All records of one file, in blocks of about ``block_bytes`` of text (at most 4,096 records)."""
     buf, size = [], 0
-    for rec in read_file(sf, str(item["text_field"][0]), str(item["text_unit"][0])):
+    for rec in read_file(sf, text_field, text_unit):
         buf.append(rec)
         size += len(rec.text or "")
         if len(buf) >= _MAX_ROWS or size >= block_bytes:
@@ -43,6 +49,25 @@ def read_batches(item: dict, block_bytes: int) -> Iterator[dict]:
             buf, size = [], 0
     if buf:
         yield _columns(buf, sf)
+
+
+def read_batches(item: dict, block_bytes: int) -> Iterator[dict]:
+    """Ray: the blocks of one file (``item`` is a one-row batch describing it)."""
+    sf = SourceFile(int(item["source"][0]), int(item["file"][0]), str(item["path"][0]), str(item["format"][0]),
+                    str(item["part"][0]) or None)
+    yield from file_blocks(sf, str(item["text_field"][0]), str(item["text_unit"][0]), block_bytes)
+
+
+def _resolve(value):
+    """The value of a Ray object ref (fetched once per worker), or the value itself (local executor)."""
+    return _fetched(value) if type(value).__name__ == "ObjectRef" else value
+
+
+@functools.lru_cache(maxsize=8)
+def _fetched(ref):
+    import ray
+
+    return ray.get(ref)
 
 
 @functools.lru_cache(maxsize=2)
@@ -71,8 +96,8 @@ def scan_batch(batch: dict, clean: dict, dedup: dict) -> dict:
             exact[i] = exact_key(text)
         if sig is not None:
             sig[i] = hasher.signature(shingle_hashes(text, dcfg.ngram_size))
-    out = {"doc_id": batch["doc_id"], "reason": np.array(reason, dtype=object), "raw": np.array(raw, dtype=object),
-           "chars": chars}
+    out = {"doc_id": np.asarray(batch["doc_id"]), "reason": np.array(reason, dtype=object),
+           "raw": np.array(raw, dtype=object), "chars": chars}
     if dcfg.exact or dcfg.near:
         out["exact"] = exact
     if sig is not None:
@@ -80,25 +105,43 @@ def scan_batch(batch: dict, clean: dict, dedup: dict) -> dict:
     return out
 
 
-@functools.lru_cache(maxsize=4)
-def _removed(removed_ref) -> np.ndarray:
-    import ray
+def filtered_rows(doc_id: np.ndarray, reason) -> np.ndarray:
+    """(k, 2) int64 [doc id, index in clean.FILTERS] of the records a quality filter dropped."""
+    rows = [(int(d), _FILTER_REASONS.index(r)) for d, r in zip(doc_id, reason) if r.startswith("filter:")]
+    return np.array(rows, dtype=np.int64).reshape(-1, 2)
 
-    return ray.get(removed_ref)
+
+def _verdicts(ids: np.ndarray, filtered: np.ndarray) -> np.ndarray:
+    """Per record: the index in clean.FILTERS of the filter that dropped it, or -1."""
+    if not len(filtered):
+        return np.full(len(ids), -1, dtype=np.int64)
+    pos = np.minimum(np.searchsorted(filtered[:, 0], ids), len(filtered) - 1)
+    return np.where(filtered[pos, 0] == ids, filtered[pos, 1], -1)
 
 
-def _classify(batch: dict, clean: dict, removed_ref) -> tuple[list, list, np.ndarray, list[int], list[str]]:
-    """Clean every record: (reasons, excerpts, duplicate mask, indices of kept records, their texts)."""
-    ccfg = CleanConfig(**clean)
-    removed = _removed(removed_ref)
-    n = len(batch["doc_id"])
+def _classify(batch: dict, ccfg: CleanConfig, removed: np.ndarray, filtered: np.ndarray | None
+              ) -> tuple[list, list, np.ndarray, list[int], list[str]]:
+    """Clean every record: (reasons, excerpts, duplicate mask, indices of kept records, their texts).
+
+    With ``filtered`` (the dedup pass's verdicts) the filters are not run again: a record is
+    normalized, and dropped with the recorded filter's reason if it has one; a duplicate (which passed
+    every filter, or dedup would not have seen it) is not even normalized."""
+    ids = np.asarray(batch["doc_id"])
+    n = len(ids)
     reason, raw = list(batch["reason"]), list(batch["raw"])
-    dup = np.isin(batch["doc_id"], removed) if len(removed) else np.zeros(n, dtype=bool)
+    dup = np.isin(ids, removed) if len(removed) else np.zeros(n, dtype=bool)
+    verdict = _verdicts(ids, filtered) if filtered is not None else None
     index, texts = [], []
     for i in range(n):
         if reason[i]:
             continue
-        text, why = clean_text(batch["text"][i], ccfg)
+        if verdict is None:
+            text, why = clean_text(batch["text"][i], ccfg)
+        elif dup[i]:
+            continue
+        else:
+            text = normalize(batch["text"][i], ccfg.normalization)
+            why = _FILTER_REASONS[verdict[i]] if verdict[i] >= 0 else None
         if why:
             reason[i], raw[i] = why, text[:200]
         elif not dup[i]:
@@ -107,30 +150,32 @@ def _classify(batch: dict, clean: dict, removed_ref) -> tuple[list, list, np.nda
     return reason, raw, dup, index, texts
 
 
-def kept_texts(batch: dict, clean: dict, removed_ref) -> dict:
+def kept_texts(batch: dict, clean: dict, removed_ref, filtered_ref=None) -> dict:
     """The cleaned text of every kept document (for training the tokenizer)."""
-    texts = _classify(batch, clean, removed_ref)[4]
+    texts = _classify(batch, CleanConfig(**clean), _resolve(removed_ref), _resolve(filtered_ref))[4]
     return {"text": np.array(texts, dtype=object)}
 
 
 @functools.lru_cache(maxsize=2)
 def _encoder(tokenizer_ref, kind: str) -> Encoder:
     """One Encoder per worker process and tokenizer (building tiktoken's tables takes a moment)."""
-    import ray
-
-    return Encoder(ray.get(tokenizer_ref), kind)
+    return Encoder(_resolve(tokenizer_ref), kind)
 
 
-def encode_batch(batch: dict, clean: dict, removed_ref, tokenizer_ref, kind: str, eod_id: int, dtype: str) -> dict:
+def encode_batch(batch: dict, clean: dict, removed_ref, filtered_ref, tokenizer_ref, kind: str, eod_id: int,
+                 dtype: str) -> dict:
     """Every record with its fate: quarantined (reason, excerpt), duplicate, or kept with its token ids
-    (end-of-document appended); ids are empty for the records that are not kept."""
-    reason, raw, dup, index, texts = _classify(batch, clean, removed_ref)
-    encoded = _encoder(tokenizer_ref, kind).encode(texts)
+    (end-of-document appended); ids are empty for the records that are not kept. ``tokenizer_ref`` is
+    the tokenizer's JSON (or a Ray ref to it), or an Encoder built already (local executor)."""
+    reason, raw, dup, index, texts = _classify(batch, CleanConfig(**clean), _resolve(removed_ref),
+                                               _resolve(filtered_ref))
+    encoder = tokenizer_ref if isinstance(tokenizer_ref, Encoder) else _encoder(tokenizer_ref, kind)
+    encoded = encoder.encode(texts)
     ids = np.empty(len(reason), dtype=object)
     empty = np.zeros(0, dtype=np.dtype(dtype))
     for i in range(len(reason)):
         ids[i] = empty
     for i, e in zip(index, encoded):
         ids[i] = ids_array(e, eod_id, np.dtype(dtype))
-    return {"doc_id": batch["doc_id"], "reason": np.array(reason, dtype=object),
+    return {"doc_id": np.asarray(batch["doc_id"]), "reason": np.array(reason, dtype=object),
             "raw": np.array(raw, dtype=object), "duplicate": dup, "ids": ids}

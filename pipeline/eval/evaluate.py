@@ -34,7 +34,7 @@ from safetensors.torch import load_file
 import pipeline
 from pipeline.config import ModelConfig, PipelineConfig
 from pipeline.data.loader import open_split
-from pipeline.data.manifest import manifest_sha256, verify_manifest
+from pipeline.data.manifest import manifest_sha256, same_or_grown, verify_manifest
 from pipeline.eval import EvalError
 from pipeline.eval.records import EVAL_DIR, checkpoint_config, eval_lock, load_records, run_config, write_record
 from pipeline.models import build_model, load_state_dict_tied
@@ -150,8 +150,9 @@ def score_checkpoint(checkpoint_path: str | Path, options: EvalOptions) -> dict:
     cfg, state = checkpoint_config(path), checkpoint.trainer_state()
     data_dir = Path(cfg.data.output_dir)
     manifest = verify_manifest(data_dir)
-    if manifest_sha256(data_dir) != state["data_manifest_sha256"]:
-        raise EvalError(f"{data_dir}: the dataset changed since {path} was trained on it")
+    if not same_or_grown(manifest, manifest_sha256(data_dir), state["data_manifest_sha256"]):
+        raise EvalError(f"{data_dir}: the dataset changed since {path} was trained on it (and did not "
+                        f"grow from it with `pretrain prepare --append`)")
     arch = state["model"]["arch"]
     if arch != "gpt" and (options.tasks or options.lm_eval_tasks):
         raise EvalError(f"--tasks/--lm-eval score a causal LM; {path} is a {arch} checkpoint (masked LM)")

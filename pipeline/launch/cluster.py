@@ -48,7 +48,9 @@ def stage_commands(python: str, config: str, run_dir: str, stage: str, train_mod
     train = (f"{py} -m pipeline.cli train {cfg}" if train_module == "pipeline.cli"
              else f"{py} -m {train_module} {cfg}")
     commands = {
-        "prepare": f"{py} -m pipeline.cli prepare {cfg}",
+        # --append: prepare the dataset if there is none, else add the new input files only; a job
+        # that fires again (schedule, requeue) never rebuilds the data a run is training on
+        "prepare": f"{py} -m pipeline.cli prepare {cfg} --append",
         "train": train,
         "eval": f"{py} -m pipeline.cli eval {run}",
     }

@@ -121,7 +121,7 @@ def _build(run: Run) -> tuple[object, st.TrainState, object]:
     verdict: list = [None, None]
     if rank == 0:
         try:
-            plan = st.plan_resume(cfg, world, run.manifest_sha, verify=True)
+            plan = st.plan_resume(cfg, world, run.manifest_sha, verify=True, manifest=run.manifest)
             if plan.universal:
                 st.convert_to_universal(plan.checkpoint, st.checkpoint_root(cfg), log=run.say)
             verdict = [None, plan.checkpoint.tag if plan.checkpoint else None]
@@ -131,7 +131,7 @@ def _build(run: Run) -> tuple[object, st.TrainState, object]:
     if verdict[0]:
         raise ckpt.CheckpointError(verdict[0])
     if rank != 0:
-        plan = st.plan_resume(cfg, world, run.manifest_sha, verify=False)
+        plan = st.plan_resume(cfg, world, run.manifest_sha, verify=False, manifest=run.manifest)
         if (plan.checkpoint.tag if plan.checkpoint else None) != verdict[1]:
             raise ckpt.CheckpointError(f"rank {rank} sees another newest checkpoint than rank 0 "
                                        f"({verdict[1]}): is {cfg.run_dir} on storage all nodes share?")
@@ -144,6 +144,7 @@ def _build(run: Run) -> tuple[object, st.TrainState, object]:
     for span in run.pending_skips:
         if span not in state.skipped_batches:
             state.skipped_batches.append(span)
+    st.settle_eras(state, run.train_data, run.manifest_sha, cfg.train.seed, log=run.say)
     return engine, state, plan.checkpoint
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +31,8 @@ import torch
 
 import pipeline
 from pipeline.config import PipelineConfig, to_yaml
+from pipeline.data.eras import Era, EraError, EraStream, check_growth
+from pipeline.data.manifest import same_or_grown
 from pipeline.models import state_dict_for_save
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.engine import UNIVERSAL_INFO
@@ -58,6 +60,7 @@ class TrainState:
     segment_start_step: int = 0
     data_segments: list[dict] = field(default_factory=list)  # closed: start/end step, world, digests
     skipped_batches: list[list[int]] = field(default_factory=list)  # [start, end) sample positions
+    data_eras: list[dict] = field(default_factory=list)  # eras.Era records: the dataset grew mid-run
     skip_counts: dict[str, int] = field(default_factory=dict)
     consecutive_skips: int = 0
     spike_history: list[float] = field(default_factory=list)
@@ -133,18 +136,21 @@ class ResumePlan:
     universal: bool  # load through a universal conversion (world size or ZeRO stage changed)
 
 
-def plan_resume(cfg: PipelineConfig, world: int, manifest_sha: str, verify: bool = True) -> ResumePlan:
+def plan_resume(cfg: PipelineConfig, world: int, manifest_sha: str, verify: bool = True,
+                manifest: dict | None = None) -> ResumePlan:
     """Read the newest committed checkpoint (``verify``: against its COMMIT hashes) and check that it
-    can continue this run."""
+    can continue this run: same dataset, or one grown from it by `prepare --append` (``manifest``)."""
     latest = ckpt.latest_committed(checkpoint_root(cfg), verify=verify)
     if latest is None:
         return ResumePlan(None, {}, False)
     saved = latest.trainer_state()
-    if saved["data_manifest_sha256"] != manifest_sha:
+    trained_on = saved["data_manifest_sha256"]
+    grown = trained_on != manifest_sha and same_or_grown(manifest or {}, manifest_sha, trained_on)
+    if trained_on != manifest_sha and not (grown and saved.get("data_eras")):
         raise ckpt.CheckpointError(
             f"{latest.path}: was trained on a different dataset (manifest sha256 "
-            f"{saved['data_manifest_sha256'][:12]}… vs {manifest_sha[:12]}…); "
-            f"use a new run_dir or the original data.output_dir"
+            f"{trained_on[:12]}… vs {manifest_sha[:12]}…); use a new run_dir or the original "
+            f"data.output_dir (a dataset grown with `pretrain prepare --append` continues the run)"
         )
     saved_batch = saved.get("global_batch_size", cfg.train.global_batch_size)
     if saved_batch != cfg.train.global_batch_size:
@@ -223,6 +229,7 @@ def load(engine, plan: ResumePlan, cfg: PipelineConfig, state: TrainState, rank:
     state.consecutive_skips = saved.get("consecutive_skips", 0)
     state.spike_history = list(saved.get("spike_history", []))
     state.data_segments = list(saved.get("data_segments", []))
+    state.data_eras = list(saved.get("data_eras", []))
     state.segment_start_step = saved.get("segment_start_step", 0)
     digests = saved.get("sample_digests") or []
     if saved_world == world and len(digests) == world:
@@ -231,3 +238,36 @@ def load(engine, plan: ResumePlan, cfg: PipelineConfig, state: TrainState, rank:
         state.data_segments.append({"start_step": state.segment_start_step, "end_step": state.step,
                                     "world_size": saved_world, "sample_digests": digests})
         state.segment_start_step, state.sample_digest = state.step, empty_digest()
+
+
+def settle_eras(state: TrainState, data, manifest_sha: str, seed: int, log=print) -> None:
+    """Record the data eras of this run and make ``data`` (loader.BlendedSamples) sample by them.
+
+    A fresh run (or one that resumes on the same dataset) has one era. A run resumed on a dataset
+    grown by `prepare --append` starts a new era at the position it resumes from; positions before
+    it keep the mapping they were trained with (eras.py)."""
+    current = Era(0, manifest_sha, tuple(data.names), tuple(len(s) for s in data.sources), tuple(data.weights))
+    eras = [Era.from_json(e) for e in state.data_eras]
+    if not eras:
+        eras = [current]
+    elif eras[-1].manifest_sha256 == manifest_sha:
+        eras[-1] = replace(current, start=eras[-1].start)  # blend weights may have changed
+    else:
+        start = state.next_trainable()
+        new = replace(current, start=start)
+        if start == eras[-1].start:  # the last era never trained a sample: the new one replaces it
+            eras.pop()
+        try:
+            if eras:
+                check_growth(eras[-1], new)
+        except EraError as exc:
+            raise ckpt.CheckpointError(f"the dataset changed in a way that would rewrite trained samples: {exc}") \
+                from None
+        eras.append(new if eras else current)
+        added = {n: m - dict(zip(eras[-2].sources, eras[-2].num_samples)).get(n, 0)
+                 for n, m in zip(new.sources, new.num_samples)} if len(eras) > 1 else {}
+        log(f"data: the dataset grew since the last checkpoint; era {len(eras) - 1} starts at sample "
+            f"{start}: new training samples " + ", ".join(f"{n} +{a}" for n, a in added.items())
+            + " (what was consumed is not re-shuffled)")
+    state.data_eras = [e.to_json() for e in eras]
+    data.eras = EraStream(eras, seed, data.names) if len(eras) > 1 else None

@@ -2,7 +2,8 @@
 
 Four sources in four formats; every record's fate (kept, quarantined with a reason, or a duplicate
 of a named first occurrence) is planted, and the outputs are checked against it: decoded shards,
-quarantine.jsonl, duplicates.jsonl and the manifest's accounting.
+quarantine.jsonl, duplicates.jsonl and the manifest's accounting. These runs use the Ray executor
+(1 and 2 Ray workers); test_prepare_executors.py checks the local executor against it.
 """
 
 from __future__ import annotations
@@ -173,7 +174,7 @@ def planted(tmp_path_factory):
     root = tmp_path_factory.mktemp("planted")
     corpus, sources = _build(root / "corpus")
     out = root / "two-cpus"
-    proc = pretrain(*_args(out, sources, "data.num_cpus=2"))
+    proc = pretrain(*_args(out, sources, "data.executor=ray", "data.num_cpus=2"))
     return {"corpus": corpus, "sources": sources, "out": out, "log": proc.stdout, "root": root,
             "manifest": json.loads((out / "manifest.json").read_text())}
 
@@ -215,7 +216,7 @@ def test_planted_duplicates_are_removed_and_point_to_the_first_occurrence(plante
 
 def test_output_is_byte_identical_with_one_worker_and_small_blocks(planted):
     out = planted["root"] / "one-cpu"
-    pretrain(*_args(out, planted["sources"], "data.num_cpus=1", "data.block_bytes=4096"))
+    pretrain(*_args(out, planted["sources"], "data.executor=ray", "data.num_cpus=1", "data.block_bytes=4096"))
     one = json.loads((out / "manifest.json").read_text())
     assert one["files"] == planted["manifest"]["files"]
     assert _file_hashes(out) == _file_hashes(planted["out"])

@@ -155,7 +155,7 @@ def test_ray_job_ships_the_code_and_runs_three_stages(tmp_path):
     spec = ray_jobs.job_spec(cfg, "all", "submitted/config.yaml", working_dir="/tmp/stage")
     assert spec["runtime_env"]["working_dir"] == "/tmp/stage"
     parts = spec["entrypoint"].split(" && ")
-    assert parts == ["python -m pipeline.cli prepare submitted/config.yaml",
+    assert parts == ["python -m pipeline.cli prepare submitted/config.yaml --append",
                      "python -m pipeline.launch.ray_train submitted/config.yaml",
                      f"python -m pipeline.cli eval {tmp_path}/runs/r1"]
     shared = ray_jobs.job_spec(cfg, "eval", "/x/c.yaml", working_dir=None)

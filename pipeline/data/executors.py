@@ -1,0 +1,248 @@
+"""Who runs `pretrain prepare`'s stage functions (workers.py) over the blocks of the corpus.
+
+- ``local``: no Ray. The driver reads each file in turn and cuts it into blocks (``data.block_bytes``
+  of text); ``data.num_cpus`` processes forked from the driver apply the stage function to them
+  (one process: the driver itself). At most two blocks per process are in flight, so memory does
+  not grow with the corpus. Dedup's bucket counting runs in the driver with its rows spilled to disk
+  (``dedup.find_duplicates_local``). Starting costs a fork, so small corpora finish in about the
+  time their work takes.
+- ``ray``: Ray Data. One read task per file, the stage functions in ``map_batches`` on every CPU of
+  the embedded Ray instance or of the cluster joined with ``--ray-address`` / ``RAY_ADDRESS``, and
+  dedup's bucket counting as a ``groupby``. Starting Ray (its GCS, raylet and worker processes)
+  costs seconds, which pays off only on large corpora or across machines.
+
+Both hand the driver each block's result in corpus order, computed by the same functions, so every
+output file is byte-identical whichever executor ran (``tests/e2e/test_prepare_executors.py``).
+``choose_executor`` decides what ``data.executor: auto`` means for a run.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import multiprocessing
+import os
+import shutil
+import sys
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.config import DataConfig
+from pipeline.data import workers
+from pipeline.data.dedup import Duplicate, find_duplicates, find_duplicates_local
+from pipeline.data.fast_tokenizer import Encoder
+from pipeline.data.sources import SourceFile
+
+
+def input_bytes(files: list[SourceFile]) -> int:
+    """Bytes on disk of every input file (each path once; a saved HF dataset: every file in it)."""
+    total = 0
+    for path in sorted({Path(f.path) for f in files}):
+        if path.is_dir():
+            total += sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        else:
+            total += path.stat().st_size
+    return total
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):,.1f} MiB"
+
+
+def choose_executor(executor: str, *, ray_address: str | None, env_address: str | None, input_bytes: int,
+                    local_max_bytes: int, ray_running: bool = False) -> tuple[str, str]:
+    """("local" or "ray", why) for ``data.executor``; ``ray_address`` is --ray-address, ``env_address``
+    RAY_ADDRESS, ``ray_running`` whether this process has initialized Ray already."""
+    if executor == "ray":
+        return "ray", "data.executor is ray"
+    if executor == "local":
+        ignored = " (the Ray address is ignored)" if ray_address or env_address else ""
+        return "local", f"data.executor is local{ignored}"
+    if ray_address:
+        return "ray", f"--ray-address {ray_address} is given"
+    if env_address:
+        return "ray", f"RAY_ADDRESS={env_address} is set"
+    if ray_running:
+        return "ray", "Ray is already running in this process"
+    if input_bytes > local_max_bytes:
+        return "ray", (f"the input is {_mib(input_bytes)} on disk, over data.local_max_bytes "
+                       f"({_mib(local_max_bytes)})")
+    return "local", (f"the input is {_mib(input_bytes)} on disk, at most data.local_max_bytes "
+                     f"({_mib(local_max_bytes)}), and no Ray address is given")
+
+
+def ray_running() -> bool:
+    """Whether this process has initialized Ray (without importing it when it has not)."""
+    ray = sys.modules.get("ray")
+    return bool(ray is not None and ray.is_initialized())
+
+
+def init_ray(num_cpus: int | None = None, address: str | None = None) -> None:
+    """Embedded Ray by default; `address` (or RAY_ADDRESS) joins an existing cluster."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        # "local": a new instance even if `ray start` left a cluster on this machine (plain
+        # ray.init() would join that one, and then refuse num_cpus)
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+                 log_to_driver=False)
+
+
+def _filtered(parts: list[np.ndarray]) -> np.ndarray:
+    """The dedup pass's filter verdicts, sorted by doc id."""
+    rows = np.concatenate(parts) if parts else np.zeros((0, 2), dtype=np.int64)
+    return rows[np.argsort(rows[:, 0], kind="stable")]
+
+
+# ---- local ------------------------------------------------------------------------------------------
+
+_TASK: Callable[[dict], dict] | None = None  # what a forked worker applies to each block
+
+
+def _run_task(block: dict) -> dict:
+    return _TASK(block)
+
+
+def _in_order(task: Callable[[dict], dict], blocks: Iterator[dict], processes: int) -> Iterator[dict]:
+    """task(block) for every block, in order, in ``processes`` forked processes.
+
+    The workers are forked when the first block is submitted, after ``_TASK`` is set: they inherit
+    the task and everything it refers to (the tokenizer's encoder, the duplicate ids) from the
+    driver's memory, so only blocks and results travel through pipes."""
+    global _TASK
+    _TASK = task
+    pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"))
+    pending: deque = deque()
+    try:
+        for block in blocks:
+            pending.append(pool.submit(_run_task, block))
+            if len(pending) >= 2 * processes:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        _TASK = None
+
+
+class LocalExecutor:
+    """The stage functions in processes forked from the driver (or in the driver, for one CPU)."""
+
+    name = "local"
+
+    def __init__(self, cfg: DataConfig):
+        self.cfg = cfg
+        self.processes = max(1, cfg.num_cpus or os.cpu_count() or 1)
+
+    def describe(self) -> str:
+        return f"{self.processes} process{'es' if self.processes > 1 else ''}"
+
+    def share(self, value):
+        return value
+
+    def tokenizer_arg(self, tokenizer_json: str, kind: str):
+        return Encoder(tokenizer_json, kind)  # built once here; forked workers inherit it
+
+    def blocks(self, corpus) -> Iterator[dict]:
+        for f in corpus.files:
+            src = self.cfg.sources[f.source]
+            yield from workers.file_blocks(f, src.text_field, src.text_unit, self.cfg.block_bytes)
+
+    def map(self, corpus, fn: Callable, **kwargs) -> Iterator[dict]:
+        task = functools.partial(fn, **kwargs)
+        if self.processes == 1:
+            return map(task, self.blocks(corpus))
+        return _in_order(task, self.blocks(corpus), self.processes)
+
+    def duplicates(self, corpus, spill_dir: Path) -> tuple[list[Duplicate], int, np.ndarray]:
+        """(duplicates, records scanned, filter verdicts) of the dedup pass."""
+        cfg, records, filtered = self.cfg, [0], []
+
+        def tapped(batches):
+            for b in batches:
+                records[0] += len(b["doc_id"])
+                filtered.append(workers.filtered_rows(b["doc_id"], b["reason"]))
+                yield b
+
+        meta = self.map(corpus, workers.scan_batch, clean=cfg.clean.model_dump(), dedup=cfg.dedup.model_dump())
+        shutil.rmtree(spill_dir, ignore_errors=True)
+        try:
+            duplicates = find_duplicates_local(tapped(meta), cfg.dedup, spill_dir)
+        finally:
+            shutil.rmtree(spill_dir, ignore_errors=True)
+        return duplicates, records[0], _filtered(filtered)
+
+
+# ---- Ray ---------------------------------------------------------------------------------------------
+
+class RayExecutor:
+    """Ray Data on the Ray instance this process has initialized (``init_ray``)."""
+
+    name = "ray"
+
+    def __init__(self, cfg: DataConfig):
+        import ray
+
+        self.cfg = cfg
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True
+        ctx.target_max_block_size = cfg.block_bytes
+        ctx.enable_progress_bars = False  # Progress logs instead
+        # Reserving CPUs per operator would keep some from the encoder while the (light) reader idles;
+        # backpressure on object-store memory still bounds what is in flight.
+        ctx.op_resource_reservation_enabled = False
+        # dedup's groupby: the task-based sort shuffle starts no aggregator actors (seconds each), which
+        # makes it several times faster here; Ray suggests its push-based variant beyond ~1 TB
+        ctx.shuffle_strategy = ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+
+    def describe(self) -> str:
+        import ray
+
+        return f"{int(ray.cluster_resources().get('CPU', 0))} Ray CPUs"
+
+    def share(self, value):
+        import ray
+
+        return ray.put(value)
+
+    def tokenizer_arg(self, tokenizer_json: str, kind: str):
+        return self.share(tokenizer_json)  # each worker builds its Encoder once (workers._encoder)
+
+    def records(self, corpus):
+        """Ray Dataset of every raw record: doc_id, text, reason, raw."""
+        import ray
+
+        # At most one read task per file. A concurrency of its own also keeps Ray Data from fusing
+        # reading with the next operator, which would then process a whole file in one task.
+        return ray.data.from_items(corpus.items(), override_num_blocks=len(corpus.files)).map_batches(
+            workers.read_batches, batch_size=1, fn_kwargs={"block_bytes": self.cfg.block_bytes},
+            compute=ray.data.TaskPoolStrategy(size=len(corpus.files)),
+        )
+
+    def _mapped(self, corpus, fn: Callable, **kwargs):
+        return self.records(corpus).map_batches(fn, batch_format="numpy", batch_size=None, fn_kwargs=kwargs)
+
+    def map(self, corpus, fn: Callable, **kwargs) -> Iterator[dict]:
+        return self._mapped(corpus, fn, **kwargs).iter_batches(batch_size=None, batch_format="numpy")
+
+    def duplicates(self, corpus, spill_dir: Path) -> tuple[list[Duplicate], int, np.ndarray]:
+        import ray
+
+        cfg = self.cfg
+        meta = self._mapped(corpus, workers.scan_batch, clean=cfg.clean.model_dump(),
+                            dedup=cfg.dedup.model_dump()).materialize()  # small rows (no text), read thrice
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        duplicates = find_duplicates(meta, cfg.dedup, num_partitions=max(1, min(64, cpus)))
+        filtered = [workers.filtered_rows(b["doc_id"], b["reason"]) for b in
+                    meta.select_columns(["doc_id", "reason"]).iter_batches(batch_size=None, batch_format="numpy")]
+        return duplicates, meta.count(), _filtered(filtered)
