@@ -6,7 +6,8 @@ would re-cut every shard and change every sample's tokens; appending instead:
 1. finds the input files that are new (every input of the dataset is recorded in its manifest with
    its sha256; a recorded input that has *changed* is refused: what was trained on cannot change);
 2. prepares only those files in a staging directory, with the dataset's own tokenizer, through the
-   same stages as `pretrain prepare` (clean, quarantine, dedup among the new documents, encode);
+   same stages as `pretrain prepare` (clean, quarantine, encode; dedup, when on, reads the files
+   already in the dataset too, so a new copy of an old document is removed, never the old one);
 3. moves the new shards in as the next shards of each source and split (``train/docs-00003`` …),
    adds this append's quarantine and duplicates as files of their own, and
 4. writes the grown manifest last (the commit point): the old files and their hashes unchanged,
@@ -46,7 +47,8 @@ def input_records(cfg: DataConfig) -> list[dict]:
     return [{"source": cfg.sources[f.source].resolved_name, "file": f.label, "sha256": hashes[f.path]} for f in files]
 
 
-def _new_inputs(cfg: DataConfig, old: dict, log) -> list[dict]:
+def _new_inputs(cfg: DataConfig, old: dict, log) -> tuple[list[dict], list[dict]]:
+    """(every input listed now, the new ones among them); a changed recorded input is refused."""
     recorded = old.get("inputs")
     if recorded is None:
         raise AppendError(f"{cfg.output_dir}/{MANIFEST}: records no input files (written by an older version); "
@@ -64,8 +66,9 @@ def _new_inputs(cfg: DataConfig, old: dict, log) -> list[dict]:
                 f"or add the new text as a new file, or rebuild with `pretrain prepare --force`")
     gone = len(set(known) - {(r["source"], r["file"]) for r in listed})
     if gone:
-        log(f"append: {gone} recorded input file(s) no longer listed; their shards stay in the dataset")
-    return new
+        log(f"append: {gone} recorded input file(s) no longer listed; their shards stay in the dataset "
+            f"(and new documents are not deduplicated against them)")
+    return listed, new
 
 
 def _check_compatible(cfg: DataConfig, old: dict) -> None:
@@ -97,7 +100,8 @@ def append(cfg: DataConfig, ray_address: str | None = None, log=print) -> dict:
     old = verify_manifest(out)  # a corrupt dataset is refused before anything is added to it
     old_sha = manifest_sha256(out)
     _check_compatible(cfg, old)
-    new = _new_inputs(cfg, old, log)
+    listed, new = _new_inputs(cfg, old, log)
+    dedup = cfg.dedup.exact or cfg.dedup.near
     if not new:
         log(f"append: no new input files; {out} is unchanged")
         return old
@@ -109,12 +113,15 @@ def append(cfg: DataConfig, ray_address: str | None = None, log=print) -> dict:
     scfg.output_dir = str(stage)
     scfg.tokenizer.path = str(out / old["tokenizer"]["file"])
     try:
+        # dedup reads the files already in the dataset too: their documents win over new copies
+        prior = {r["file"] for r in old["inputs"]} & {r["file"] for r in listed} if dedup else None
         prepare(scfg, ray_address=ray_address, log=log, force=True, only_files={r["file"] for r in new},
-                allow_empty_splits=True)
+                prior_files=prior or None, allow_empty_splits=True)
     except PrepareError as exc:
         raise AppendError(f"append: {exc}") from None
     added = verify_manifest(stage)  # with the sha256 of every staged file
-    manifest = _merge(out, stage, old, old_sha, added, new, time.time() - t0)
+    manifest = _merge(out, stage, old, old_sha, added, new, time.time() - t0,
+                      "the appended documents against each other and against the dataset's files" if dedup else "off")
     files = [name for name in manifest["files"]]
     write_manifest(out, {k: v for k, v in manifest.items() if k != "files"}, files)
     shutil.rmtree(stage, ignore_errors=True)
@@ -125,7 +132,8 @@ def append(cfg: DataConfig, ray_address: str | None = None, log=print) -> dict:
     return manifest
 
 
-def _merge(out: Path, stage: Path, old: dict, old_sha: str, added: dict, inputs: list[dict], seconds: float) -> dict:
+def _merge(out: Path, stage: Path, old: dict, old_sha: str, added: dict, inputs: list[dict], seconds: float,
+           dedup_scope: str) -> dict:
     """The grown manifest; moves the staged shards, quarantine and duplicates into ``out``."""
     m = copy.deepcopy(old)
     generation = len(m.get("lineage") or []) + 1
@@ -181,7 +189,7 @@ def _merge(out: Path, stage: Path, old: dict, old_sha: str, added: dict, inputs:
         "quarantined": acc["quarantined"], "deduplicated": acc["deduplicated"], "tokens": tokens,
         "quarantine_file": extra["quarantine"], "duplicates_file": extra["duplicates"],
         "encoder": added["tokenizer"]["encoder"], "seconds": round(seconds, 3),
-        "dedup_scope": "within the appended documents",
+        "dedup_scope": dedup_scope,
     }]
     m["fingerprint"] = None  # an appended dataset is never "up to date" for a plain rebuild
     m["files"] = files

@@ -31,6 +31,7 @@ import pipeline
 from pipeline.config import ConfigError, DataConfig
 from pipeline.data import workers
 from pipeline.data.clean import clean_text
+from pipeline.data.dedup import Duplicate
 from pipeline.data.executors import (
     LocalExecutor, RayExecutor, choose_executor, init_ray, input_bytes, ray_running,
 )
@@ -86,12 +87,17 @@ class _Corpus:
         return self.cfg.sources[split_doc_id(doc_id)[0]].path
 
 
-def _dedup(corpus: _Corpus, ex, out: Path, fingerprint: str, log) -> dict:
-    """read → clean → MinHash; find duplicates; write duplicates.jsonl and the filter verdicts."""
+def _dedup(corpus: _Corpus, ex, out: Path, fingerprint: str, log, prior: set[str] | None = None) -> dict:
+    """read → clean → MinHash; find duplicates; write duplicates.jsonl and the filter verdicts.
+
+    ``prior``: labels of files already in the dataset (`prepare --append`): they are read for
+    dedup only, their documents always win, and only duplicates among the others are written."""
     cfg, n = corpus.cfg, len(corpus.names)
     t0 = time.time()
     log(f"dedup: reading, cleaning and hashing {len(corpus.files):,} files of {n} sources")
     duplicates, records, filtered = ex.duplicates(corpus, out / ".dedup-spill")
+    if prior:
+        duplicates = prefer_prior(duplicates, lambda i: corpus.by_id[split_doc_id(i)[:2]].label in prior)
     exact, near = np.zeros(n, np.int64), np.zeros(n, np.int64)
     with open(out / (DUPLICATES + ".tmp"), "w", encoding="utf-8") as f:
         for d in duplicates:
@@ -110,6 +116,27 @@ def _dedup(corpus: _Corpus, ex, out: Path, fingerprint: str, log) -> dict:
         f"among {records:,} records ({time.time() - t0:.1f}s)")
     return save_stage(out, "dedup", fingerprint, [DUPLICATES, FILTERED], seconds=time.time() - t0,
                       exact=exact.tolist(), near=near.tolist())
+
+
+def prefer_prior(duplicates: list[Duplicate], is_prior) -> list[Duplicate]:
+    """Re-anchor duplicate groups on documents already in the dataset: a group with a prior document
+    keeps that one (the smallest id of them) and removes every new member, whatever the ids' order;
+    prior documents themselves are left out (their fate was decided when they were prepared)."""
+    groups: dict[int, list[Duplicate]] = {}
+    for d in duplicates:
+        groups.setdefault(d.duplicate_of, []).append(d)
+    out = []
+    for root, members in groups.items():
+        priors = sorted(i for i in [root, *(m.doc_id for m in members)] if is_prior(i))
+        if not priors:
+            out.extend(members)
+            continue
+        anchor = priors[0]
+        out.extend(Duplicate(m.doc_id, anchor, m.kind, m.similarity) for m in members if not is_prior(m.doc_id))
+        if not is_prior(root):  # the group's first occurrence is new: it duplicates the prior one too
+            a = next(m for m in members if m.doc_id == anchor)
+            out.append(Duplicate(root, anchor, a.kind, a.similarity))
+    return sorted(out, key=lambda d: d.doc_id)
 
 
 def _removed_ids(out: Path) -> np.ndarray:
@@ -273,13 +300,16 @@ def _executor(cfg: DataConfig, corpus: _Corpus, ray_address: str | None, log):
 
 
 def prepare(cfg: DataConfig, ray_address: str | None = None, log=print, force: bool = False, *,
-            only_files: set[str] | None = None, allow_empty_splits: bool = False) -> dict:
+            only_files: set[str] | None = None, prior_files: set[str] | None = None,
+            allow_empty_splits: bool = False) -> dict:
     """Run the data stages; returns the manifest written to ``output_dir/manifest.json``.
 
-    ``only_files`` (file labels) and ``allow_empty_splits`` serve `prepare --append` (append.py),
-    which prepares just the new files of a dataset, however few, in a staging directory."""
+    ``only_files``, ``prior_files`` (file labels) and ``allow_empty_splits`` serve `prepare
+    --append` (append.py): it prepares just the new files of a dataset, however few, in a staging
+    directory, deduplicating them against the files already in it."""
     t0 = time.time()
     corpus = _Corpus(cfg, only_files)
+    dedup_corpus = _Corpus(cfg, only_files | prior_files) if only_files is not None and prior_files else corpus
     out = Path(cfg.output_dir)
     hashes = input_hashes(corpus.files)
     fps = fingerprints(cfg, corpus.files, hashes)
@@ -292,7 +322,7 @@ def prepare(cfg: DataConfig, ray_address: str | None = None, log=print, force: b
 
     n = len(corpus.names)
     if cfg.dedup.exact or cfg.dedup.near:
-        dedup = _stage(out, "dedup", fps["dedup"], force, lambda: _dedup(corpus, ex, out, fps["dedup"], log), log,
+        dedup = _stage(out, "dedup", fps["dedup"], force, lambda: _dedup(dedup_corpus, ex, out, fps["dedup"], log, prior_files), log,
                        files=(DUPLICATES, FILTERED))
         filtered = np.load(out / FILTERED)
     else:
