@@ -202,6 +202,11 @@ def cmd_train(args) -> int:
         # started by our own torchrun: die with it, never run on orphaned
         if os.environ.get(lock.HELD_ENV) and not local.die_with_parent("torch.distributed.run"):
             return EXIT_USER_ERROR
+        spent = lock.budget_spent(cfg)  # a firing after the last step (srun/torchrun start ranks directly)
+        if spent:
+            if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+                print(f"pretrain train: {spent}")
+            return 0
         from pipeline.train.loop import train
         import torch.distributed as dist
 

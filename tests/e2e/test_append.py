@@ -92,6 +92,10 @@ def test_append_grows_the_dataset_and_the_run_continues_without_reshuffling(tmp_
     assert len(changed.stderr.strip().splitlines()) == 1
     (raw / "part-0.jsonl").write_text(part0)
 
+    # the pre-flight check accepts the grown dataset and says what will happen
+    plan = pretrain("plan", "configs/demo.yaml", *sets)
+    assert "on a dataset grown by `prepare --append` since" in plan.stdout, plan.stdout
+
     # -- the run resumes on the grown dataset ---------------------------------------------------
     resumed = pretrain("train", "configs/demo.yaml", *sets)
     assert "era 1 starts at sample 32" in resumed.stdout + resumed.stderr

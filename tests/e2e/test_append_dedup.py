@@ -37,12 +37,18 @@ def test_append_removes_new_copies_of_old_documents(tmp_path, executor):
     raw.mkdir()
     old_texts = write_corpus(raw / "b-old.jsonl", 60)
     cfg = _cfg(tmp_path, executor)
-    first = prepare(cfg, log=lambda *a: None)
+    first = prepare(cfg.model_copy(update={"executor": "local"}), log=lambda *a: None)
     old_files = {p: sha256_file(data / p) for p in json.loads((data / "manifest.json").read_text())["files"]}
     fresh = write_corpus(tmp_path / "fresh.jsonl", 12, start=400)
     # "a-new" sorts before "b-old": its documents get the smaller ids, yet the old ones must win
     _jsonl(raw / "a-new.jsonl", [old_texts[3], fresh[0], old_texts[7] + " ", fresh[1], fresh[1], *fresh[2:]])
-    m = append(cfg, log=lambda *a: None)
+    try:
+        m = append(cfg, log=lambda *a: None)
+    finally:
+        if executor == "ray":  # in this process: later tests check that nothing left Ray running
+            import ray
+
+            ray.shutdown()
 
     g = m["appends"][0]
     assert g["documents_in"] == 15 and g["deduplicated"] == 3 and g["kept"] == 12 and g["quarantined"] == 0

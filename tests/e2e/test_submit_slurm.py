@@ -102,3 +102,41 @@ def test_schedule_installs_one_scrontab_entry_per_run(trained_run, tmp_path):
             subprocess.run(["scrontab", str(restore)], check=True)
         else:
             subprocess.run(["scrontab", "-r"], capture_output=True)
+
+
+def test_each_firing_appends_new_files_and_continues_the_run(tmp_path):
+    """What a schedule does at every firing — submit the same job again — through a real Slurm:
+    the first job prepares and trains; a file added later is appended by the next job, whose
+    training resumes in a new data era; a job with nothing new and the budget reached does nothing."""
+    import json
+
+    from conftest import write_corpus
+    from pipeline.train import checkpoint as ckpt
+
+    raw, run_dir = tmp_path / "raw", tmp_path / "run"
+    write_corpus(raw / "part-0.jsonl", 150)
+    sets = ["--set", f"run_dir={run_dir}", "--set", f"data.output_dir={tmp_path / 'data'}",
+            "--set", f"data.sources=[{{path: '{raw}', name: docs}}]", "--set", "data.tokenizer.vocab_size=1024",
+            "--set", "train.seq_len=64", "--set", "train.micro_batch_size_per_gpu=4",
+            "--set", "train.global_batch_size=8", "--set", "checkpoint.save_interval_steps=2",
+            "--set", "eval.max_samples=16", "--set", "train.nproc_per_node=1", *LOCAL]
+
+    def fire(max_steps: int) -> str:
+        done = pretrain("submit", "configs/demo.yaml", "--to", "slurm", "--wait", *sets,
+                        "--set", f"train.max_steps={max_steps}", timeout=400)
+        assert "COMPLETED" in done.stdout, done.stdout
+        logs = sorted((run_dir / "slurm").glob("pretrain-*.out"), key=lambda p: p.stat().st_mtime)
+        return logs[-1].read_text()
+
+    first = fire(4)
+    assert "holds no dataset yet; preparing it" in first
+    write_corpus(raw / "part-1.jsonl", 100, start=150)  # new data lands between firings
+    second = fire(8)
+    assert "append: 1 new input file" in second and "era 1 starts at sample 32" in second
+    third = fire(8)
+    assert "no new input files" in third and "the budget is spent, nothing to do" in third
+    assert "the dataset grew" not in third and "train: world size" not in third
+    state = ckpt.latest_committed(run_dir / "checkpoints").trainer_state()
+    assert state["step"] == 8 and [e["start"] for e in state["data_eras"]] == [0, 32]
+    manifest = json.loads((tmp_path / "data" / "manifest.json").read_text())
+    assert [r["file"] for r in manifest["inputs"]] == [str(raw / "part-0.jsonl"), str(raw / "part-1.jsonl")]
