@@ -213,6 +213,10 @@ class _Attempt:
                 f"{self.flops_per_token / 1e6:.1f} MFLOP/token, train samples "
                 + ", ".join(f"{n}: {len(s)} (weight {w:g})" for n, s, w in zip(data.names, data.sources, data.weights))
                 + (f", resumed from {self.resumed.path} at step {state.step}" if self.resumed else ""))
+        eras = state.data_eras
+        if len(eras) > 1 and eras[-1]["start"] == state.next_trainable():  # the dataset grew: mark it
+            run.tracker.log({"data/era": len(eras) - 1, "data/train_samples": sum(eras[-1]["num_samples"]),
+                             "data/era_start_sample": eras[-1]["start"]}, step=state.step + 1)
         if state.step == 0 and self.resumed is None and not run.pending_skips:
             val = validation_loss(self.engine, run.val_data, self.cfg, run.rank, run.world)
             run.tracker.log({"val/loss": val, "val/perplexity": float(np.exp(val)), "world_size": run.world}, step=0)

@@ -101,6 +101,9 @@ def test_append_grows_the_dataset_and_the_run_continues_without_reshuffling(tmp_
     assert "era 1 starts at sample 32" in resumed.stdout + resumed.stderr
     state = ckpt.latest_committed(run / "checkpoints").trainer_state()
     assert state["step"] == 10 and state["data_manifest_sha256"] == manifest_sha256(data)
+    marks = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "data/era" in r]
+    assert [(r["step"], r["data/era"], r["data/era_start_sample"]) for r in marks] == [(5, 1, 32)]
+    assert marks[0]["data/train_samples"] == sum(Era.from_json(state["data_eras"][1]).num_samples)
     eras = [Era.from_json(e) for e in state["data_eras"]]
     assert [(e.start, e.manifest_sha256) for e in eras] == [(0, old_sha), (32, manifest_sha256(data))]
     new_train = BlendedSamples(open_split(data, m, "train", SEQ, seed=SEED), {"docs": 1.0}, SEED)
