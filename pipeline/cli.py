@@ -204,7 +204,7 @@ def cmd_train(args) -> int:
             return EXIT_USER_ERROR
         spent = lock.budget_spent(cfg)  # a firing after the last step (srun/torchrun start ranks directly)
         if spent:
-            if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+            if lock.global_rank() == "0":
                 print(f"pretrain train: {spent}")
             return 0
         from pipeline.train.loop import train

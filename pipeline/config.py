@@ -48,6 +48,13 @@ class Section(BaseModel):
         return value
 
 
+def _directory(path: str) -> str:
+    """A directory field: blank would write into the working directory."""
+    if not path.strip():
+        raise ValueError("must name a directory (an empty path would write into the working directory)")
+    return path
+
+
 class SourceConfig(Section):
     """One raw corpus: a file, or a directory read file by file in sorted order."""
 
@@ -190,9 +197,7 @@ class DataConfig(Section):
     @field_validator("output_dir")
     @classmethod
     def _not_blank(cls, path: str) -> str:
-        if not path.strip():
-            raise ValueError("must name a directory (an empty path would write into the working directory)")
-        return path
+        return _directory(path)
 
     @model_validator(mode="after")
     def _unique_names(self) -> DataConfig:
@@ -499,9 +504,7 @@ class PipelineConfig(Section):
     @field_validator("run_dir")
     @classmethod
     def _run_dir_not_blank(cls, path: str) -> str:
-        if not path.strip():
-            raise ValueError("must name a directory (an empty path would write into the working directory)")
-        return path
+        return _directory(path)
 
     @model_validator(mode="after")
     def _consistent(self) -> PipelineConfig:

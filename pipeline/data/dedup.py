@@ -20,6 +20,7 @@ they find the same duplicates.
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import zlib
@@ -274,8 +275,7 @@ def find_duplicates_local(meta_batches, cfg: DedupConfig, spill_dir: Path, parti
     each partition's keys (one at a time) gives the colliding keys; one pass over the spilled rows
     picks out the documents in colliding buckets, which are grouped exactly as on Ray."""
     if not (cfg.exact or cfg.near):
-        for _ in meta_batches:
-            pass
+        collections.deque(meta_batches, maxlen=0)  # run the scan anyway: it records the filter verdicts
         return []
     dedup = cfg.model_dump()
     spill_dir.mkdir(parents=True, exist_ok=True)

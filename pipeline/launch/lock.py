@@ -195,11 +195,15 @@ def run_lock(run_dir: str | Path, lease_s: float, heartbeat_s: float, command: s
     return RunLock(run_dir, lease_s, heartbeat_s, command=command)
 
 
+def global_rank() -> str:
+    """This process's global rank under torchrun (RANK) or srun (SLURM_PROCID); "0" otherwise."""
+    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+
+
 def rank_lock(run_dir: str | Path, lease_s: float, heartbeat_s: float):
     """Under a launcher (srun, Ray Train, a user's torchrun): global rank 0 holds the lock, unless our
     own `pretrain train` parent already does (HELD_ENV). Other ranks hold nothing."""
-    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
-    if rank != "0" or os.environ.get(HELD_ENV):
+    if global_rank() != "0" or os.environ.get(HELD_ENV):
         return contextlib.nullcontext()
     return RunLock(run_dir, lease_s, heartbeat_s, command="pretrain train (rank 0)")
 

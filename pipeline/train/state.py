@@ -145,8 +145,8 @@ def plan_resume(cfg: PipelineConfig, world: int, manifest_sha: str, verify: bool
         return ResumePlan(None, {}, False)
     saved = latest.trainer_state()
     trained_on = saved["data_manifest_sha256"]
-    grown = trained_on != manifest_sha and same_or_grown(manifest or {}, manifest_sha, trained_on)
-    if trained_on != manifest_sha and not (grown and saved.get("data_eras")):
+    grown = same_or_grown(manifest or {}, manifest_sha, trained_on) and saved.get("data_eras")
+    if trained_on != manifest_sha and not grown:
         raise ckpt.CheckpointError(
             f"{latest.path}: was trained on a different dataset (manifest sha256 "
             f"{trained_on[:12]}… vs {manifest_sha[:12]}…); use a new run_dir or the original "
@@ -263,7 +263,7 @@ def settle_eras(state: TrainState, data, manifest_sha: str, seed: int, log=print
         except EraError as exc:
             raise ckpt.CheckpointError(f"the dataset changed in a way that would rewrite trained samples: {exc}") \
                 from None
-        eras.append(new if eras else current)
+        eras.append(new)
         added = {n: m - dict(zip(eras[-2].sources, eras[-2].num_samples)).get(n, 0)
                  for n, m in zip(new.sources, new.num_samples)} if len(eras) > 1 else {}
         log(f"data: the dataset grew since the last checkpoint; era {len(eras) - 1} starts at sample "
