@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("prepare", help="read, clean, dedup, quarantine, train a tokenizer, tokenize and write shards",
-                       description="Ray Data stages: jsonl/parquet/text/HF-dataset sources → cleaned and "
+                       description="Data stages (forked local processes for small inputs, Ray Data for large ones or with "
+                       "--ray-address): jsonl/parquet/text/HF-dataset sources → cleaned and "
                        "deduplicated documents (quarantine.jsonl, duplicates.jsonl), tokenizer.json, "
                        "Megatron-format train/validation shards and a verified manifest.json. Stages whose "
                        "inputs and config are unchanged are reused. See docs/data.md.")
