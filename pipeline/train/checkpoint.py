@@ -1,37 +1,43 @@
 """Atomic checkpoints: only a checkpoint with a valid COMMIT marker exists for anyone.
 
-Saving: every rank writes into ``.tmp-step_N`` → barrier → rank 0 renames it to ``step_N``, writes
-``COMMIT`` (sha256 of every file, written atomically), then points ``latest`` at it (atomic
-rename), then applies retention. A crash at any moment leaves either a ``.tmp-`` directory or a
-``step_N`` without ``COMMIT``; both are ignored by resume and eval, and swept on the next save.
+Saving: every rank writes into the staging tree of ``step_N`` (storage.staging_for: locally
+``.tmp-step_N``) → barrier → rank 0 publishes it as ``step_N`` (locally a rename; on an object
+store the files are already there), writes ``COMMIT`` (the sha256 of every file, written atomically
+and fsynced), then points ``latest`` at it, then applies retention. ``COMMIT`` is the commit point:
+a crash at any moment leaves either a staging tree or a ``step_N`` without ``COMMIT``; both are
+ignored by resume and eval, and swept on the next save. ``latest`` is a hint, never the truth.
 
 Each checkpoint holds the DeepSpeed engine state, ``model.safetensors`` (the full fp32 weights,
-readable without DeepSpeed or unpickling), ``trainer_state.json`` (step, consumed samples, data
-manifest hash, W&B run id, per-rank sample digests), ``config.yaml`` and per-rank RNG states.
+readable without DeepSpeed or unpickling), ``trainer_state.json`` (train/state.py), ``config.yaml``
+and per-rank RNG states. Every file a load reads is listed in COMMIT; a file found in a committed
+checkpoint that COMMIT does not list (other than the eval record written after the commit) is
+refused, so nothing can be slipped in for DeepSpeed's globbing loaders to pick up.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.data.shards import sha256_file
+from pipeline.rundir import RunDir, staged_step_of, step_of, tag_for
+from pipeline.storage import LocalStorage, open_storage
+from pipeline.train.records import CheckpointError, Commit, CorruptCheckpoint, TrainerState
 
-COMMIT = "COMMIT"
-LATEST = "latest"
-_TAG = re.compile(r"^step_(\d{8,})$")
+COMMIT = RunDir.COMMIT
+LATEST = RunDir.LATEST
+TRAINER_STATE = "trainer_state.json"
+#: written into a committed checkpoint afterwards, by the eval job; never read by a load
+AFTER_COMMIT = (RunDir.EVAL_JSON,)
+
+__all__ = ["COMMIT", "LATEST", "CheckpointError", "CorruptCheckpoint", "Commit", "Committed", "tag_for",
+           "committed_step", "committed_checkpoints", "verify_checkpoint", "latest_committed", "commit", "tidy",
+           "retained_steps", "apply_retention"]
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, uncommitted or altered after it was committed."""
-
-
-def tag_for(step: int) -> str:
-    return f"step_{step:08d}"
+def _written_after_commit(name: str) -> bool:
+    base = name.rsplit("/", 1)[-1]
+    in_flight = base.endswith(".tmp") and any(base.lstrip(".").startswith(f"{a}.") for a in AFTER_COMMIT)
+    return base in AFTER_COMMIT or in_flight
 
 
 @dataclass(frozen=True)
@@ -43,51 +49,63 @@ class Committed:
     def tag(self) -> str:
         return self.path.name
 
+    @property
+    def storage(self) -> LocalStorage:
+        return open_storage(self.path)
+
+    def commit_record(self) -> Commit:
+        return Commit.from_json(self.storage.read_bytes(COMMIT), str(self.path / COMMIT))
+
+    def state(self) -> TrainerState:
+        """The typed ``trainer_state.json``."""
+        return TrainerState.from_json(self.storage.read_bytes(TRAINER_STATE), str(self.path / TRAINER_STATE))
+
     def trainer_state(self) -> dict:
-        return json.loads((self.path / "trainer_state.json").read_text(encoding="utf-8"))
+        """``trainer_state.json`` as JSON (validated): for scripts and tests."""
+        return self.state().to_dict()
 
 
 def committed_step(path: Path) -> int:
-    m = _TAG.match(Path(path).name)
-    if not m:
+    step = step_of(Path(path).name)
+    if step is None:
         raise CheckpointError(f"{path}: not a checkpoint directory (expected a name like step_00000100)")
-    return int(m.group(1))
+    return step
 
 
 def committed_checkpoints(root: str | Path) -> list[Committed]:
     """Checkpoints under ``root`` that carry a COMMIT marker, oldest first (hashes not checked)."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
+    store = open_storage(root)
     found = []
-    for child in root.iterdir():
-        m = _TAG.match(child.name)
-        if m and child.is_dir() and (child / COMMIT).is_file():
-            found.append(Committed(child, int(m.group(1))))
+    for name in store.children():
+        step = step_of(name)
+        if step is not None and store.exists(f"{name}/{COMMIT}"):
+            found.append(Committed(store.path(name), step))
     return sorted(found, key=lambda c: c.step)
 
 
-def verify_checkpoint(path: str | Path) -> dict:
-    """Check every file listed in COMMIT against its sha256; raise CheckpointError naming the file."""
+def verify_checkpoint(path: str | Path) -> Commit:
+    """Check every file listed in COMMIT against its sha256, and that nothing unlisted was added;
+    raise CheckpointError naming the file."""
     path = Path(path)
+    store = open_storage(path)
     marker = path / COMMIT
-    if not marker.is_file():
+    if not store.exists(COMMIT):
         raise CheckpointError(f"{path}: not committed (no {COMMIT} marker); it was never finished")
-    try:
-        commit = json.loads(marker.read_text(encoding="utf-8"))
-        files = commit["files"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise CheckpointError(f"{marker}: unreadable commit marker") from None
-    root = path.resolve()
-    for name, expected in files.items():
-        file = (path / name).resolve()
-        if not file.is_relative_to(root):
+    record = Commit.from_json(store.read_bytes(COMMIT), str(marker))
+    for name, expected in record.files.items():
+        if not store.inside(name):
             raise CheckpointError(f"{marker}: entry {name!r} points outside the checkpoint")
-        if not file.is_file():
+        file = store.path(name).resolve()
+        if not store.exists(name):
             raise CheckpointError(f"{file}: listed in {COMMIT} but missing")
-        if sha256_file(file) != expected:
-            raise CheckpointError(f"{file}: sha256 does not match {COMMIT}; the checkpoint was altered or is corrupt")
-    return commit
+        if store.sha256(name) != expected:
+            raise CorruptCheckpoint(file, f"sha256 does not match {COMMIT}; the checkpoint was altered after "
+                                          f"it was committed")
+    unlisted = [k for k in store.list() if k != COMMIT and k not in record.files and not _written_after_commit(k)]
+    if unlisted:
+        raise CheckpointError(f"{store.path(unlisted[0])}: in the checkpoint but not listed in {COMMIT} (added "
+                              f"after the commit); a load would read it unverified: remove it")
+    return record
 
 
 def latest_committed(root: str | Path, verify: bool = True) -> Committed | None:
@@ -99,42 +117,32 @@ def latest_committed(root: str | Path, verify: bool = True) -> Committed | None:
     return found[-1]
 
 
-def _fsync_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _fsync_write(store: LocalStorage, key: str, text: str) -> None:
+    store.write_atomic(key, text, fsync=True)
 
 
 def commit(root: Path, tmp_dir: Path, step: int, keep_last: int, keep_every_steps: int | None = None) -> Path:
     """Rank 0, after every rank has written into ``tmp_dir``: publish it as step N."""
-    final = root / tag_for(step)
-    if final.exists():  # an earlier attempt died before COMMIT: it is garbage
-        shutil.rmtree(final)
-    os.rename(tmp_dir, final)
-    files = {
-        str(p.relative_to(final)): sha256_file(p)
-        for p in sorted(final.rglob("*"))
-        if p.is_file()
-    }
-    _fsync_write(final / COMMIT, json.dumps({"step": step, "files": files}, indent=1) + "\n")
-    _fsync_write(root / LATEST, final.name + "\n")
+    store = open_storage(root)
+    tag = tag_for(step)
+    store.publish(Path(tmp_dir).name, tag)  # an earlier attempt that died before COMMIT is replaced
+    files = {name: store.sha256(f"{tag}/{name}") for name in store.child(tag).list()}
+    _fsync_write(store, f"{tag}/{COMMIT}", Commit(step=step, files=files).to_json())
+    _fsync_write(store, LATEST, tag + "\n")
     apply_retention(root, keep_last, keep_every_steps)
-    return final
+    return store.path(tag)
 
 
 def tidy(root: str | Path, keep_last: int, keep_every_steps: int | None = None) -> None:
     """Finish what a crash after the newest commit left undone (``latest`` not yet pointing at it,
     retention cut short); a later commit would do it, but a finished run has none."""
-    root = Path(root)
+    store = open_storage(root)
     newest = latest_committed(root, verify=False)
     if newest is None:
         return
-    latest = root / LATEST
-    if not latest.is_file() or latest.read_text(encoding="utf-8").strip() != newest.tag:
-        _fsync_write(latest, newest.tag + "\n")
+    latest = store.read_text(LATEST).strip() if store.exists(LATEST) else None
+    if latest != newest.tag:
+        _fsync_write(store, LATEST, newest.tag + "\n")
     apply_retention(root, keep_last, keep_every_steps)
 
 
@@ -150,21 +158,28 @@ def retained_steps(steps: list[int], keep_last: int, keep_every_steps: int | Non
 
 def apply_retention(root: Path, keep_last: int, keep_every_steps: int | None = None) -> list[Path]:
     """Delete committed checkpoints that `retained_steps` does not keep, and debris (uncommitted
-    directories) older than the newest committed one. Nothing newer than that is touched: a save in
+    trees) older than the newest committed one. Nothing newer than that is touched: a save in
     flight stays."""
+    store = open_storage(root)
     found = committed_checkpoints(root)
     keep = retained_steps([c.step for c in found], keep_last, keep_every_steps)
     removed = []
     for old in found:
         if old.step not in keep:
-            (old.path / COMMIT).unlink()  # first: a crash mid-delete leaves debris, not a broken commit
-            shutil.rmtree(old.path)
+            store.delete(f"{old.tag}/{COMMIT}")  # first: a crash mid-delete leaves debris, not a broken commit
+            store.delete_tree(old.tag)
             removed.append(old.path)
     newest = found[-1].step if found else -1
-    for child in root.iterdir():
-        name = child.name.removeprefix(".tmp-")
-        m = _TAG.match(name)
-        if m and int(m.group(1)) < newest and not (child / COMMIT).is_file() and child.is_dir():
-            shutil.rmtree(child)
-            removed.append(child)
+    for name in store.children():
+        step = staged_step_of(name)
+        if step is not None and step < newest and not store.exists(f"{name}/{COMMIT}"):
+            store.delete_tree(name)
+            removed.append(store.path(name))
     return removed
+
+
+def staging_dir(root: str | Path, step: int) -> Path:
+    """Where the ranks write step ``step`` before `commit` publishes it."""
+    store = open_storage(root)
+    return store.path(store.staging_for(tag_for(step)))
+

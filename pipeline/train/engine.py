@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from pipeline.config import ConfigError, ModelConfig, PipelineConfig
+from pipeline.train.compat import resolve_model_config  # noqa: F401 - re-exported for the loop
 from pipeline.train.schedule import lr_multiplier
 
 # DeepSpeed's converter asserts on checkpoints saved without this client state (ENVIRONMENT.md).
@@ -55,19 +56,6 @@ def init_distributed(cfg: PipelineConfig) -> None:
         timeout=timedelta(seconds=cfg.train.dist_timeout_s),
         verbose=False,
     )
-
-
-def resolve_model_config(model: ModelConfig, tokenizer_vocab: int) -> ModelConfig:
-    """Fill in the vocabulary from the tokenizer, padded to a multiple for fast matmuls."""
-    if model.vocab_size is not None:
-        if model.vocab_size < tokenizer_vocab:
-            raise ConfigError(
-                f"model.vocab_size ({model.vocab_size}) is smaller than the tokenizer's vocabulary "
-                f"({tokenizer_vocab})"
-            )
-        return model
-    m = model.pad_vocab_to_multiple_of
-    return model.model_copy(update={"vocab_size": -(-tokenizer_vocab // m) * m})
 
 
 def deepspeed_config(cfg: PipelineConfig, world_size: int, *, load_universal: bool = False) -> dict:

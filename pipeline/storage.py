@@ -1,0 +1,207 @@
+"""The one storage interface: every file of a run or dataset directory is read and written here.
+
+A `Storage` is rooted at a directory (or, later, an object-store prefix) and speaks in *keys*:
+slash-separated paths relative to that root (``checkpoints/step_00000010/COMMIT``). It offers only
+what an object store can do too:
+
+- ``read_bytes`` / ``read_text`` / ``open_read``: whole objects or a stream;
+- ``write_atomic`` / ``open_atomic``: an object appears whole or not at all (local: a temporary file
+  in the same folder, fsynced on request, then ``os.replace``; an object store's PUT is atomic);
+- ``list(prefix)``: every key under a prefix, recursively (no directories: object stores have none);
+- ``delete`` / ``delete_tree`` / ``move``;
+- ``staging_for`` + ``publish``: where to write a tree of files that becomes visible under its final
+  key in one step. Locally that is a ``.tmp-`` directory renamed into place; on an object store the
+  files go straight to their final keys. Either way a *small marker object written last* (COMMIT,
+  manifest.json) is the commit point, never the rename: readers ignore a tree without its marker.
+
+``local_path`` hands out a real path for the few readers that need one (memory-mapped shards,
+DeepSpeed's own checkpoint files); a store without local files refuses it, and its caller stages
+the files into a local cache instead.
+
+`LocalStorage` is the only implementation today; ``open_storage`` refuses other URI schemes in
+one line (object storage is the next step of this interface).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from pipeline.errors import ConfigError, UserError
+
+STAGING_PREFIX = ".tmp-"
+_CHUNK = 1 << 20
+
+
+class StorageError(UserError):
+    """A key that is missing, escapes its root, or cannot be read or written."""
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class LocalStorage:
+    """Keys are files under ``root`` on a local (or shared POSIX) filesystem."""
+
+    scheme = "file"
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"LocalStorage({str(self.root)!r})"
+
+    # ------------------------------------------------------------------ naming
+    def path(self, key: str = "") -> Path:
+        """The local path of ``key`` (for messages, and for readers that need a real file)."""
+        return self.root / key if key else self.root
+
+    def local_path(self, key: str = "") -> Path:
+        return self.path(key)
+
+    def inside(self, key: str) -> bool:
+        """Whether ``key`` resolves (symlinks followed) inside the root: manifest and COMMIT entries
+        must never point elsewhere."""
+        return (self.root / key).resolve().is_relative_to(self.root.resolve())
+
+    def child(self, prefix: str) -> LocalStorage:
+        return LocalStorage(self.root / prefix)
+
+    # ------------------------------------------------------------------ reading
+    def exists(self, key: str) -> bool:
+        return (self.root / key).is_file()
+
+    def has_prefix(self, prefix: str) -> bool:
+        """Whether anything is stored under ``prefix`` (a "directory" that exists)."""
+        return (self.root / prefix).is_dir()
+
+    def read_bytes(self, key: str) -> bytes:
+        try:
+            return (self.root / key).read_bytes()
+        except FileNotFoundError:
+            raise StorageError(f"{self.path(key)}: missing") from None
+        except IsADirectoryError:
+            raise StorageError(f"{self.path(key)}: a directory, expected a file") from None
+
+    def read_text(self, key: str) -> str:
+        """Strict UTF-8 (a flipped byte is an error, never a replacement character)."""
+        return self.read_bytes(key).decode("utf-8")
+
+    def open_read(self, key: str) -> BinaryIO:
+        return open(self.root / key, "rb")
+
+    def size(self, key: str) -> int:
+        return (self.root / key).stat().st_size
+
+    def sha256(self, key: str) -> str:
+        h = hashlib.sha256()
+        with open(self.root / key, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+        return h.hexdigest()
+
+    def list(self, prefix: str = "") -> list[str]:
+        """Every key under ``prefix``, recursively, sorted (symlinks are listed, not followed)."""
+        base = self.root / prefix
+        if not base.is_dir():
+            return []
+        keys = []
+        for dirpath, dirnames, filenames in os.walk(base):
+            rel = Path(dirpath).relative_to(self.root)
+            keys.extend((rel / f).as_posix() for f in filenames)
+            keys.extend((rel / d).as_posix() for d in dirnames if (Path(dirpath) / d).is_symlink())
+        return sorted(k.removeprefix("./") for k in keys)
+
+    def children(self, prefix: str = "") -> list[str]:
+        """Names directly under ``prefix`` that hold keys (object stores: common prefixes)."""
+        base = self.root / prefix
+        if not base.is_dir():
+            return []
+        return sorted(p.name for p in base.iterdir() if p.is_dir() and not p.is_symlink())
+
+    # ------------------------------------------------------------------ writing
+    def write_atomic(self, key: str, data: bytes | str, fsync: bool = False) -> None:
+        """``key`` holds ``data`` whole, or keeps what it held: never a torn write."""
+        with self.open_atomic(key, fsync=fsync) as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+
+    @contextlib.contextmanager
+    def open_atomic(self, key: str, fsync: bool = False) -> Iterator[BinaryIO]:
+        """A binary file to stream into; it becomes ``key`` only when the block ends without error."""
+        final = self.root / key
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_name(f"{final.name}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                yield f
+                if fsync:
+                    f.flush()
+                    os.fsync(f.fileno())
+            _publish_file(tmp, final)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+    def append_text(self, key: str, text: str) -> None:
+        """Append to a log (metrics.jsonl). Object stores cannot append: they upload the whole log."""
+        path = self.root / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(text)
+
+    def makedirs(self, prefix: str = "") -> None:
+        """Local directories some writers (DeepSpeed, memory maps) need to exist; a no-op on object stores."""
+        (self.root / prefix).mkdir(parents=True, exist_ok=True)
+
+    def move(self, src: str, dst: str) -> None:
+        """One file to a new key (replacing what is there)."""
+        target = self.root / dst
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _publish_file(self.root / src, target)
+
+    def delete(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            (self.root / key).unlink()
+
+    def delete_tree(self, prefix: str) -> None:
+        """Every key under ``prefix`` (what is left of it when a crash cuts this short is debris)."""
+        base = self.root / prefix
+        if base.is_symlink() or base.is_file():
+            base.unlink()
+        elif base.exists():
+            shutil.rmtree(base, ignore_errors=False)
+
+    # ------------------------------------------------------------------ publishing a tree
+    def staging_for(self, key: str) -> str:
+        """Where to write the files of the tree ``key`` before `publish` (local: ``.tmp-NAME``)."""
+        parent, _, name = key.rpartition("/")
+        return f"{parent}/{STAGING_PREFIX}{name}" if parent else f"{STAGING_PREFIX}{name}"
+
+    def publish(self, staged: str, key: str) -> None:
+        """Make the tree written under ``staged`` visible as ``key`` (replacing debris there). Not the
+        commit point: the marker written into it afterwards is."""
+        if staged == key:
+            return
+        self.delete_tree(key)
+        os.rename(self.root / staged, self.root / key)
+
+
+def _publish_file(src: Path, dst: Path) -> None:
+    os.replace(src, dst)
+
+
+def open_storage(location: str | Path) -> LocalStorage:
+    """The storage for a run or dataset directory given as a path (or URI)."""
+    text = str(location)
+    scheme, sep, _ = text.partition("://")
+    if sep and scheme != "file":
+        raise ConfigError(f"{text}: {scheme}:// locations are not supported yet; use a local or shared "
+                          f"filesystem path")
+    return LocalStorage(text.removeprefix("file://") if sep else text)

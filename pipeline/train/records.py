@@ -1,0 +1,81 @@
+"""The records a checkpoint carries: ``COMMIT`` and ``trainer_state.json``, one type each.
+
+``trainer_state.json`` holds the loop's whole state as JSON: step, consumed samples, W&B run id,
+data manifest hash, the ZeRO stage, world size and global batch it was written with, the per-rank
+sample digests, the skip counters, the spike detector's window, the global sample ranges never
+trained on and the data eras. Keys written by older versions may be absent; they take the defaults
+below. A key present with the wrong JSON type is a corrupt file.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, field_validator
+
+from pipeline.errors import CorruptFile, UserError
+from pipeline.records import Record
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is missing, uncommitted or altered after it was committed."""
+
+
+class CorruptCheckpoint(CheckpointError, CorruptFile):
+    """A checkpoint file whose bytes are not what was committed, or a COMMIT/state that does not parse."""
+
+
+def _non_negative(v: int) -> int:
+    if v < 0:
+        raise ValueError("must be at least 0")
+    return v
+
+
+class Commit(Record):
+    """``COMMIT``: the step and the sha256 of every file of the checkpoint."""
+
+    error = CorruptCheckpoint
+    step: int
+    files: dict[str, str]
+
+    _step = field_validator("step")(_non_negative)
+
+
+class DataSegment(Record):
+    """Steps trained on one world size: the per-rank sample digests that close it."""
+
+    error = CorruptCheckpoint
+    start_step: int
+    end_step: int
+    world_size: int | None = None
+    sample_digests: list[str | None] = Field(default_factory=list)
+
+
+class TrainerState(Record):
+    """``trainer_state.json``: everything besides the engine that a resume restores."""
+
+    error = CorruptCheckpoint
+    step: int
+    consumed_samples: int
+    wandb_run_id: str | None = None
+    data_manifest_sha256: str = ""
+    segment_start_step: int = 0
+    data_segments: list[DataSegment] = Field(default_factory=list)
+    skipped_batches: list[list[int]] = Field(default_factory=list)  # [start, end) sample positions
+    data_eras: list[dict[str, Any]] = Field(default_factory=list)  # data/eras.py Era records
+    skip_counts: dict[str, int] = Field(default_factory=dict)
+    consecutive_skips: int = 0
+    spike_history: list[float] = Field(default_factory=list)
+    world_size: int | None = None
+    sample_digests: list[str | None] = Field(default_factory=list)
+    zero_stage: int | None = None
+    global_batch_size: int | None = None
+    code_version: str = ""
+    model: dict[str, Any] | None = None  # the resolved ModelConfig it was trained with
+
+    _counts = field_validator("step", "consumed_samples")(_non_negative)
+
+    def check(self, path: str) -> None:
+        for span in self.skipped_batches:
+            if len(span) != 2 or span[0] > span[1]:
+                raise self.error(path, f"key skipped_batches: {span} is not a [start, end) range")
