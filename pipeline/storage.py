@@ -28,7 +28,6 @@ import contextlib
 import hashlib
 import os
 import shutil
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -137,7 +136,9 @@ class LocalStorage:
         """A binary file to stream into; it becomes ``key`` only when the block ends without error."""
         final = self.root / key
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.with_name(f"{final.name}.{uuid.uuid4().hex[:8]}.tmp")
+        # one writer per key at a time (locks, rank 0, one eval job), so the name can be fixed: a
+        # crash leaves ``NAME.tmp`` debris that the next write of the key replaces
+        tmp = final.with_name(f"{final.name}.tmp")
         try:
             with open(tmp, "wb") as f:
                 yield f

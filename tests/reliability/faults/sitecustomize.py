@@ -3,7 +3,7 @@ PYTHONPATH, and active only in rank 0 of a run with ``PRETRAIN_FAULT=<point>:<st
 
 At the point, rank 0 writes ``PRETRAIN_FAULT_MARKER`` and stops itself (SIGSTOP); the harness then
 SIGKILLs the job, so the crash lands exactly there. Points, all inside the commit of step N
-(``pipeline.train.checkpoint.commit``):
+(``pipeline.train.checkpoint.commit``, through ``pipeline.storage``):
 
 - before_commit:    ``.tmp-step_N`` renamed to ``step_N``, COMMIT not yet written
 - commit_unrenamed: ``step_N/COMMIT.tmp`` written and fsynced, not yet renamed to COMMIT
@@ -28,10 +28,12 @@ def _install(point: str, step: int, marker: str) -> None:
     import time
     from pathlib import Path
 
+    from pipeline import storage
     from pipeline.train import checkpoint as ckpt
 
     tag = ckpt.tag_for(step)
-    real_os, real_rmtree, real_fsync_write, real_commit = ckpt.os, shutil.rmtree, ckpt._fsync_write, ckpt.commit
+    real_publish, real_rmtree, real_fsync_write, real_commit = storage._publish_file, shutil.rmtree, \
+        ckpt._fsync_write, ckpt.commit
     committing = []
 
     def freeze():
@@ -40,23 +42,19 @@ def _install(point: str, step: int, marker: str) -> None:
         while True:  # continued by mistake: never get past the fault point
             time.sleep(1)
 
-    def fsync_write(path, text):
-        path = Path(path)
+    def fsync_write(store, key, text):
+        path = Path(store.path(key))
         if point == "before_commit" and path.name == ckpt.COMMIT and path.parent.name == tag:
             freeze()
         if point == "before_latest" and path.name == ckpt.LATEST and text.strip() == tag:
             freeze()
-        return real_fsync_write(path, text)
+        return real_fsync_write(store, key, text)
 
-    class OsProxy:
-        def __getattr__(self, name):
-            return getattr(real_os, name)
-
-        def replace(self, src, dst):
-            dst = Path(dst)
-            if point == "commit_unrenamed" and dst.name == ckpt.COMMIT and dst.parent.name == tag:
-                freeze()
-            return real_os.replace(src, dst)
+    def publish_file(src, dst):
+        dst = Path(dst)
+        if point == "commit_unrenamed" and dst.name == ckpt.COMMIT and dst.parent.name == tag:
+            freeze()
+        return real_publish(src, dst)
 
     class ShutilProxy:
         def __getattr__(self, name):
@@ -85,7 +83,8 @@ def _install(point: str, step: int, marker: str) -> None:
             os.kill(target, signum)
         return out
 
-    ckpt._fsync_write, ckpt.os, ckpt.shutil, ckpt.commit = fsync_write, OsProxy(), ShutilProxy(), commit
+    ckpt._fsync_write, ckpt.commit = fsync_write, commit
+    storage._publish_file, storage.shutil = publish_file, ShutilProxy()
 
 
 if _SPEC and os.environ.get("RANK") == "0":
