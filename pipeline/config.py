@@ -22,9 +22,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-
-class ConfigError(ValueError):
-    """A user mistake in a config: the message names the file and the field."""
+from pipeline.errors import ConfigError  # noqa: F401 - the config layer's error, defined with its exit code
 
 
 PRESETS_DIR = Path(__file__).resolve().parents[1] / "configs"

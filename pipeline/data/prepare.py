@@ -43,13 +43,14 @@ from pipeline.data.sources import (
 )
 from pipeline.data.stages import Progress, fingerprints, input_hashes, load_stage, save_stage, summary_table
 from pipeline.data.tokenizer import TokenizerError, load_tokenizer, special_ids, train_tokenizer
+from pipeline.errors import UserError
 
 SPLITS = ("train", "validation")
 QUARANTINE, DUPLICATES, TOKENIZER = "quarantine.jsonl", "duplicates.jsonl", "tokenizer.json"
 FILTERED = ".stages/dedup-filtered.npy"  # the dedup pass's filter verdicts: [doc id, clean.FILTERS index]
 
 
-class PrepareError(ValueError):
+class PrepareError(UserError):
     """The corpus cannot make a usable dataset (nothing left, or a split would be empty)."""
 
 

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.errors import UserError
+
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
 DTYPE_CODES: dict[int, np.dtype] = {
@@ -38,7 +40,7 @@ DTYPE_CODES: dict[int, np.dtype] = {
 _CODE_OF = {dtype: code for code, dtype in DTYPE_CODES.items()}
 
 
-class ShardError(ValueError):
+class ShardError(UserError):
     """A shard that is missing, truncated or not in the expected format."""
 
 

@@ -12,11 +12,12 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from pipeline.config import TokenizerConfig
+from pipeline.errors import UserError
 
 BERT_SPECIALS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError):
     """A tokenizer that lacks what the config or the model needs."""
 
 

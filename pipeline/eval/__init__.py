@@ -6,5 +6,8 @@ watch.py (evaluate each new checkpoint exactly once) Â· report.py (HTML + PNG) Â
 """
 
 
-class EvalError(ValueError):
+from pipeline.errors import UserError
+
+
+class EvalError(UserError):
     """Nothing evaluable, or a user mistake: the message names the file, checkpoint or option."""

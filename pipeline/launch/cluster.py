@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 from pipeline.config import ConfigError, PipelineConfig
+from pipeline.errors import UserError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 STAGES = ("all", "prepare", "train", "eval")
@@ -16,7 +17,7 @@ SHIPPED = ("pipeline", "configs", "pyproject.toml", "constraints.txt")
 _CRON_FIELD = re.compile(r"^[0-9A-Za-z*/,\-?LW#]+$")
 
 
-class SubmitError(RuntimeError):
+class SubmitError(UserError, RuntimeError):
     """The cluster could not be reached, or its tool (sbatch, kubectl, the Jobs API) refused the job."""
 
 

@@ -28,12 +28,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+from pipeline.errors import LockHeld
+
 LOCK_FILE = "run.lock"
 GUARD_FILE = "run.lock.guard"
 HELD_ENV = "PRETRAIN_RUN_LOCK_TOKEN"  # set for child ranks: the parent already holds the lock
 
 
-class RunLocked(RuntimeError):
+class RunLocked(LockHeld):
     """Another live process holds the run directory's lease."""
 
 

@@ -26,13 +26,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pipeline.errors import Halted
+
 NAN_AT_STEP = "PRETRAIN_FAULT_NAN_AT_STEP"
 FAULT_RANKS = "PRETRAIN_FAULT_RANKS"
 SPIKE_AT_SAMPLE = "PRETRAIN_FAULT_SPIKE_AT_SAMPLE"
 SPIKE_FACTOR = "PRETRAIN_FAULT_SPIKE_FACTOR"
 
 
-class TrainingHalted(RuntimeError):
+class TrainingHalted(Halted):
     """Training cannot go on (e.g. every recent step was skipped); the last committed checkpoint is intact."""
 
 
