@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 from pathlib import Path
 
 from pipeline import __version__
-from pipeline.config import ConfigError, load_config
+from pipeline.config import load_config
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import EXIT_USER_ERROR  # noqa: F401  (scripts compare exit codes with cli.EXIT_USER_ERROR)
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-EXIT_USER_ERROR = 1
-EXIT_CONFIG_ERROR = 2
-EXIT_LOCKED = 3  # another `pretrain train` holds the run directory's lease
-EXIT_HALTED = 4  # training stopped itself (too many skipped steps); the last checkpoint is intact
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -50,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--append", action="store_true",
                    help="grow the existing dataset with the config's new input files (continued pretraining): "
                    "existing shards are kept byte for byte, new ones added; runs on it resume where they stopped")
+    p.set_defaults(handler=cmd_prepare)
 
     p = sub.add_parser("train", help="train with DeepSpeed over the prepared shards",
                        description="Trains the configured model with DeepSpeed/ZeRO. Under torchrun, "
@@ -64,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=None, metavar="N",
                    help="--backend ray: ranks in total (default: launch.nodes × ranks per node)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(handler=cmd_train)
 
     p = sub.add_parser("consolidate", help="rebuild a checkpoint's full fp32 weights from its DeepSpeed state",
                        description="Merges the ZeRO partitions of a committed checkpoint (DeepSpeed's "
@@ -71,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "checkpoint's model.safetensors.")
     p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its newest checkpoint)")
     p.add_argument("out", help="the .safetensors file to write")
+    p.set_defaults(handler=cmd_consolidate)
 
     p = sub.add_parser("eval", help="evaluate committed checkpoints (the newest, or --watch: each new one)",
                        description="Scores a committed checkpoint (loss, perplexity and token accuracy per "
@@ -95,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score each checkpoint in a Ray task (embedded Ray, or RAY_ADDRESS / --ray-address)")
     p.add_argument("--ray-address", default=None, help="--ray: join this Ray cluster")
     p.add_argument("--ray-gpus", type=float, default=0.0, metavar="N", help="--ray: GPUs per evaluation task")
+    p.set_defaults(handler=cmd_eval)
 
     p = sub.add_parser("report", help="write a self-contained HTML + PNG report of a run (no W&B needed)",
                        description="Loss, learning-rate and throughput curves from metrics.jsonl, eval "
@@ -103,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="the run directory")
     p.add_argument("--out", default=None, metavar="PATH",
                    help="the HTML file (default: RUN_DIR/report.html; the PNG goes beside it)")
+    p.set_defaults(handler=cmd_report)
 
     p = sub.add_parser("status", help="where a run stands: checkpoint, tokens of the budget, ETA, last eval",
                        description="Reads the run directory only (no GPU, no W&B): newest committed "
@@ -110,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "recent tokens/s, and the newest eval record.")
     p.add_argument("run_dir", help="the run directory")
     p.add_argument("--json", action="store_true", help="print the status as JSON")
+    p.set_defaults(handler=cmd_status)
 
     p = sub.add_parser("export", help="write a committed checkpoint as a transformers model",
                        description="Exports model.safetensors + config.json + tokenizer.json that "
@@ -117,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its newest checkpoint)")
     p.add_argument("--to", choices=["hf"], default="hf", help="target format (default: hf)")
     p.add_argument("out_dir", help="output directory")
+    p.set_defaults(handler=cmd_export)
 
     p = sub.add_parser(
         "submit", help="run prepare → train → eval on a Ray cluster, Slurm or Kubernetes",
@@ -145,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="block until the job ends; exit 0 only if it succeeded (ray, slurm)")
     p.add_argument("--address", default=None,
                    help="ray: Jobs API address (default: launch.ray.address, else RAY_ADDRESS)")
+    p.set_defaults(handler=cmd_submit)
 
     p = sub.add_parser(
         "plan", help="pre-flight checks and a memory / throughput estimate, before any GPU is allocated",
@@ -159,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation to assume (default 0.4)")
     p.add_argument("--peak-tflops", type=float, default=989.0,
                    help="peak TFLOPs per GPU at the training precision (default 989: H100 SXM dense bf16)")
+    p.set_defaults(handler=cmd_plan)
 
     p = sub.add_parser("demo", help="the whole flow on the bundled demo corpus, offline, CPU is fine",
                        description="Builds a corpus from the Python standard library's docstrings, "
@@ -168,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="demo config (default: configs/demo.yaml; configs/demo-bert.yaml trains a BERT)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of configs/demo.yaml")
+    p.set_defaults(handler=cmd_demo)
     return parser
 
 
@@ -189,66 +196,12 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from pipeline.launch import local, lock
-    from pipeline.train.guards import TrainingHalted
+    from pipeline.launch.route import run_train
 
     overrides = list(args.overrides)
     if args.nproc_per_node is not None:
         overrides.append(f"train.nproc_per_node={args.nproc_per_node}")
-    cfg = load_config(args.config, overrides)
-    lease = (cfg.run_dir, cfg.launch.lock_lease_s, cfg.launch.lock_heartbeat_s)
-    if args.backend == "ray" and not local.under_launcher():
-        return local.run_ray(cfg, args.num_workers)  # the driver takes the run lock
-    if local.under_launcher():
-        # started by our own torchrun: die with it, never run on orphaned
-        if os.environ.get(lock.HELD_ENV) and not local.die_with_parent("torch.distributed.run"):
-            return EXIT_USER_ERROR
-        spent = lock.budget_spent(cfg)  # a firing after the last step (srun/torchrun start ranks directly)
-        if spent:
-            if lock.global_rank() == "0":
-                print(f"pretrain train: {spent}")
-            return 0
-        from pipeline.train.loop import train
-        import torch.distributed as dist
-
-        with lock.rank_lock(*lease):
-            try:
-                train(cfg)
-            except TrainingHalted as exc:
-                print(f"pretrain train: stopped: {exc}", file=sys.stderr)
-                return EXIT_HALTED
-            finally:
-                if dist.is_initialized():
-                    dist.destroy_process_group()
-        return 0
-    cfg.gradient_accumulation_steps(cfg.train.nproc_per_node)  # fail before any process starts
-    spent = lock.budget_spent(cfg)  # a scheduled firing after the last step
-    if spent:
-        print(f"pretrain train: {spent}")
-        from pipeline.train import checkpoint as ckpt
-
-        with contextlib.suppress(lock.RunLocked), lock.run_lock(*lease):  # a crash after the last commit
-            ckpt.tidy(Path(cfg.run_dir) / "checkpoints", cfg.checkpoint.keep_last, cfg.checkpoint.keep_every_steps)
-        return 0
-    with lock.run_lock(*lease) as held:  # raises RunLocked while another trainer's lease is live
-        if held.took_over is not None:
-            print(f"pretrain train: took over a stale run lock of pid {held.took_over.pid} on "
-                  f"{held.took_over.host}")
-        if cfg.train.nproc_per_node > 1:
-            from pipeline.security import verify_inputs
-
-            verify_inputs(cfg)  # a corrupt shard or checkpoint: one line here, not a torchrun traceback
-            os.environ[lock.HELD_ENV] = held.token  # our ranks must not take it again
-            try:
-                return local.run_torchrun(cfg)
-            finally:
-                os.environ.pop(lock.HELD_ENV, None)
-        try:
-            local.run_single_process(cfg)
-        except TrainingHalted as exc:
-            print(f"pretrain train: stopped: {exc}", file=sys.stderr)
-            return EXIT_HALTED
-    return 0
+    return run_train(load_config(args.config, overrides), backend=args.backend, num_workers=args.num_workers)
 
 
 def cmd_eval(args) -> int:
@@ -349,34 +302,13 @@ def cmd_demo(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval, "export": cmd_export,
-               "report": cmd_report, "status": cmd_status,
-               "submit": cmd_submit, "plan": cmd_plan,
-               "demo": cmd_demo, "consolidate": cmd_consolidate}[args.command]
-    from pipeline.data.manifest import ManifestError
-    from pipeline.data.prepare import PrepareError
-    from pipeline.data.shards import ShardError
-    from pipeline.eval.evaluate import EvalError
-    from pipeline.train.checkpoint import CheckpointError
-    from pipeline.launch.lock import RunLocked
-    from pipeline.launch.cluster import SubmitError
-
     try:
-        return handler(args)
-    except ConfigError as exc:
-        print(f"pretrain {args.command}: {exc}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
-    except RunLocked as exc:
-        print(f"pretrain {args.command}: {exc}", file=sys.stderr)
-        return EXIT_LOCKED
-    except SubmitError as exc:
-        print(f"pretrain {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except (ManifestError, ShardError, EvalError, CheckpointError, PrepareError) as exc:
+        return args.handler(args)
+    except PipelineError as exc:  # one line, and the exit code the error class carries
         if os.environ.get("PRETRAIN_DEBUG"):
             raise
-        print(f"pretrain {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        print(f"pretrain {args.command}: {'error: ' if exc.prefix_error else ''}{exc}", file=sys.stderr)
+        return exc.exit_code
 
 
 if __name__ == "__main__":

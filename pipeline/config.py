@@ -207,17 +207,32 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    """Architecture of the network. Sizes are named like GPT-2 / nanoGPT; see configs/models/."""
+    """Architecture of the network. Sizes are named like GPT-2 / nanoGPT; see configs/models/.
+
+    The defaults are the textbook GPT-2 / BERT. Each field after ``activation_checkpointing`` swaps
+    one part for a newer one; together they make a Llama-style decoder (``arch: gpt``, rope, rmsnorm,
+    swiglu, n_kv_heads, no biases) or a ModernBERT-style encoder (``arch: bert``, pre-norm, rope,
+    geglu, no biases, local attention); see configs/models/llama-*.yaml and modernbert-*.yaml.
+    """
 
     arch: Literal["gpt", "bert"] = Field(
         "gpt",
-        description="gpt: causal, pre-LN (GPT-2). bert: bidirectional, post-LN, masked-LM head (BERT).",
+        description="The objective. gpt: causal language model (GPT-2; Llama with the options below). "
+        "bert: bidirectional encoder with a masked-LM head (BERT; ModernBERT with the options below).",
     )
     n_layer: int = Field(2, ge=1, description="Number of Transformer blocks.")
-    n_head: int = Field(2, ge=1, description="Attention heads per block.")
+    n_head: int = Field(2, ge=1, description="Attention (query) heads per block.")
     d_model: int = Field(128, ge=8, description="Hidden size; must be divisible by n_head.")
-    d_ff: int | None = Field(None, ge=1, description="Feed-forward width (None: 4 * d_model).")
-    max_seq_len: int = Field(1024, ge=8, description="Number of learned position embeddings.")
+    d_ff: int | None = Field(
+        None, ge=1,
+        description="Feed-forward width; for swiglu/geglu the width of each of the two branches (None: "
+        "4 * d_model for gelu; for gated MLPs 8/3 * d_model rounded up to ffn_multiple_of, as Llama).",
+    )
+    max_seq_len: int = Field(
+        1024, ge=8,
+        description="Longest sequence: the rows of the learned position table (position: rope has no "
+        "table; this is then only the limit checked at each forward and written for transformers).",
+    )
     vocab_size: int | None = Field(
         None,
         ge=8,
@@ -228,36 +243,139 @@ class ModelConfig(Section):
         64, ge=1, description="Pads the embedding rows to a multiple of this for fast matmuls (1: none)."
     )
     type_vocab_size: int = Field(
-        2, ge=1, description="bert only: token-type (segment) embeddings; type 0 unless given."
+        2, ge=0, description="bert only: token-type (segment) embeddings; type 0 unless given (0: none, "
+        "as ModernBERT).",
     )
     dropout: float = Field(
         0.0, ge=0.0, lt=1.0, description="Dropout on embeddings and on each residual branch's output."
     )
     attn_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on attention probabilities.")
-    layer_norm_eps: float = Field(1e-5, gt=0.0, description="LayerNorm epsilon (GPT-2 1e-5, BERT 1e-12).")
+    layer_norm_eps: float = Field(
+        1e-5, gt=0.0, description="Epsilon of every LayerNorm/RMSNorm (GPT-2 1e-5, BERT 1e-12, Llama 1e-5)."
+    )
     init_std: float = Field(0.02, gt=0.0, description="Std of the normal weight init (HF initializer_range).")
     tie_embeddings: bool = Field(True, description="Share the token embedding with the output projection.")
     init_from: str | None = Field(
-        None, description="Start training from these weights: a transformers GPT-2/BERT directory "
-        "(safetensors), e.g. one written by `pretrain export`. Shapes must match this config; the "
-        "vocabulary may differ only by padding rows.",
+        None, description="Start training from these weights: a transformers GPT-2/BERT/Llama/ModernBERT "
+        "directory (safetensors), e.g. one written by `pretrain export`. Shapes must match this config; "
+        "the vocabulary may differ only by padding rows.",
     )
     activation_checkpointing: bool = Field(
         False,
         description="Recompute each block's activations in the backward pass (less memory, ~1/3 more "
         "compute); training only.",
     )
+    position: Literal["learned", "rope"] = Field(
+        "learned",
+        description="learned: a table of absolute position embeddings (GPT-2, BERT). rope: rotary "
+        "embeddings applied to queries and keys (Llama, ModernBERT); no position parameters.",
+    )
+    rope_theta: float = Field(
+        10_000.0, gt=0.0,
+        description="rope only: base of the rotary frequencies (Llama 2 1e4, Llama 3 5e5; ModernBERT's "
+        "global layers 1.6e5).",
+    )
+    local_rope_theta: float | None = Field(
+        None, gt=0.0,
+        description="rope with local attention only: the base for the local layers (ModernBERT 1e4; "
+        "None: rope_theta).",
+    )
+    norm: Literal["layernorm", "rmsnorm"] = Field(
+        "layernorm", description="layernorm (GPT-2, BERT, ModernBERT) or rmsnorm (Llama: no mean, no bias)."
+    )
+    norm_placement: Literal["pre", "post"] | None = Field(
+        None,
+        description="pre: x + f(norm(x)) with a final norm (GPT-2, Llama, ModernBERT); post: norm(x + "
+        "f(x)) (BERT). None: the arch's textbook layout (gpt pre, bert post); gpt is always pre.",
+    )
+    mlp: Literal["gelu", "swiglu", "geglu"] = Field(
+        "gelu",
+        description="gelu: expand, GELU, project back (GPT-2 tanh-approximate, BERT exact). swiglu: "
+        "silu(x·W_gate) * (x·W_up), projected back (Llama). geglu: the same with exact GELU (ModernBERT).",
+    )
+    ffn_multiple_of: int = Field(
+        256, ge=1, description="swiglu/geglu with d_ff None: the default width is rounded up to this."
+    )
+    n_kv_heads: int | None = Field(
+        None, ge=1,
+        description="Key/value heads (grouped-query attention; 1: multi-query). Must divide n_head. "
+        "None: n_head (every query head has its own keys and values).",
+    )
+    bias: bool = Field(
+        True,
+        description="Biases in the linear layers and LayerNorms (false: none, as Llama and ModernBERT; "
+        "the masked-LM decoder keeps its output bias).",
+    )
+    local_attention_window: int | None = Field(
+        None, ge=2,
+        description="bert only: local layers let a token see only tokens at most this/2 positions away "
+        "(ModernBERT 128). None: every layer is global.",
+    )
+    global_attention_every_n_layers: int = Field(
+        1, ge=1,
+        description="With local_attention_window: layers 0, n, 2n, ... attend globally, the others "
+        "locally (ModernBERT 3).",
+    )
+    attention_kernel: Literal["sdpa", "flex"] = Field(
+        "sdpa",
+        description="How masked attention (document masks, local windows) runs. sdpa: a boolean mask "
+        "per row, any device (the reference). flex: FlexAttention block masks, compiled, which skip "
+        "fully masked tiles (for CUDA; needs attn_dropout 0). Unmasked attention is fused either way.",
+    )
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> ModelConfig:
         if self.d_model % self.n_head:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
+        if self.n_kv_heads is not None and self.n_head % self.n_kv_heads:
+            raise ValueError(f"n_kv_heads ({self.n_kv_heads}) must divide n_head ({self.n_head})")
+        if self.position == "rope" and self.head_dim % 2:
+            raise ValueError(f"position rope needs an even head size; d_model/n_head is {self.head_dim}")
+        return self
+
+    @model_validator(mode="after")
+    def _options_fit_the_arch(self) -> ModelConfig:
+        if self.arch == "gpt" and self.norm_placement == "post":
+            raise ValueError("norm_placement post is for bert; gpt blocks are pre-norm")
+        if self.local_attention_window is not None and self.arch != "bert":
+            raise ValueError("local_attention_window is for bert (ModernBERT-style encoders); gpt attends globally")
+        local = self.local_attention_window is not None
+        if local != (self.global_attention_every_n_layers > 1):
+            raise ValueError("local_attention_window and global_attention_every_n_layers (≥ 2) go together: "
+                             "set both for alternating local/global layers, or neither")
+        if self.local_rope_theta is not None and not (local and self.position == "rope"):
+            raise ValueError("local_rope_theta needs position rope and local_attention_window")
+        if self.attention_kernel == "flex" and self.attn_dropout > 0:
+            raise ValueError("attention_kernel flex has no attention dropout: set attn_dropout 0 or use sdpa")
         return self
 
     @property
     def ffn_dim(self) -> int:
-        """Feed-forward width with the default applied."""
-        return self.d_ff or 4 * self.d_model
+        """Feed-forward width with the default applied (each branch's width for gated MLPs)."""
+        if self.d_ff:
+            return self.d_ff
+        if self.mlp == "gelu":
+            return 4 * self.d_model
+        m = self.ffn_multiple_of
+        return -(-(8 * self.d_model // 3) // m) * m
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads with the default applied."""
+        return self.n_kv_heads or self.n_head
+
+    @property
+    def pre_norm(self) -> bool:
+        """Whether blocks normalise their input (pre-norm) rather than their output."""
+        return (self.norm_placement or ("pre" if self.arch == "gpt" else "post")) == "pre"
+
+    def is_local_layer(self, i: int) -> bool:
+        """Whether block ``i`` uses the local attention window (ModernBERT: all but every third)."""
+        return self.local_attention_window is not None and i % self.global_attention_every_n_layers != 0
 
     @property
     def padded_vocab_size(self) -> int:
@@ -549,19 +667,45 @@ def _deep_merge(base: dict, top: dict) -> dict:
     return out
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key, first: int, second: int):
+        self.key, self.first, self.second = key, first, second
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error, not "last wins"."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise _DuplicateKey(key, seen[key], line)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _parse_yaml(path: Path) -> Any:
+    try:
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - a safe loader
+    except _DuplicateKey as dup:
+        raise ConfigError(f"{path}: key {dup.key!r} is given twice (lines {dup.first} and {dup.second}); "
+                          f"keep one (YAML would silently use the last)") from None
+    except yaml.YAMLError as exc:  # one line, and no echo of the file's text
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = (), roots: tuple[Path, ...] = ()) -> dict:
     path = path.resolve()
     if path in seen:
         raise ConfigError(f"{path}: `base` includes itself (cycle through {[str(p) for p in seen]})")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:  # one line, and no echo of the file's text
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or type(exc).__name__
-        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    raw = _parse_yaml(path) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping, got {type(raw).__name__}")
     bases = raw.pop("base", []) or []
@@ -600,13 +744,40 @@ def apply_override(tree: dict, assignment: str) -> dict:
     return tree
 
 
+def _known_keys(loc: tuple) -> list[str]:
+    """The field names of the section at ``loc`` (a validation error's location, minus its last part)."""
+    model: Any = PipelineConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        annotation = field.annotation
+        candidates = [annotation, *typing.get_args(annotation)]
+        candidates += [a for c in candidates for a in typing.get_args(c)]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if model is None:
+            return []
+    return list(getattr(model, "model_fields", {}))
+
+
+def _unknown_key_message(loc: tuple) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(str(loc[-1]), _known_keys(loc[:-1]), n=1, cutoff=0.6)
+    prefix = ".".join(str(p) for p in loc[:-1] if not isinstance(p, int))
+    hint = f"did you mean {(prefix + '.' if prefix else '') + close[0]}?" if close else "check the spelling"
+    return f"unknown key ({hint})"
+
+
 def _format_error(exc: ValidationError, origin: str) -> str:
     lines = []
     for err in exc.errors():
         field = ".".join(str(p) for p in err["loc"]) or "(top level)"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling)"
+            msg = _unknown_key_message(tuple(err["loc"]))
         got = err.get("input")
         shown = "" if err["type"] == "extra_forbidden" or isinstance(got, dict) else f" (got {got!r})"
         lines.append(f"{field}: {msg}{shown}")

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pipeline.config import load_config
+from pipeline.config import PipelineConfig, load_config
+from pipeline.rundir import DatasetDir, RunDir
+
+if TYPE_CHECKING:
+    from pipeline.eval.records import EvalRecord
 
 
 def run_demo(run_dir: str, overrides: list[str], config_path: Path) -> int:
@@ -35,20 +39,28 @@ def run_demo(run_dir: str, overrides: list[str], config_path: Path) -> int:
         return code
     result = evaluate(cfg.run_dir)
     report = write_report(cfg.run_dir)
+    print(_summary(cfg, result, report))
+    return 0
 
-    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+def _summary(cfg: PipelineConfig, result: EvalRecord, report: Path) -> str:
+    """Where everything the demo made is, and how far validation loss fell."""
+    from pipeline.eval.records import read_jsonl
+
+    run = RunDir(cfg.run_dir)
+    metrics = read_jsonl(run.metrics)
     first = next(m["val/loss"] for m in metrics if m["step"] == 0 and "val/loss" in m)
-    wandb_dirs = sorted(str(p) for p in (run / "wandb").glob("*run-*"))
-    print("\n".join([
+    wandb_dirs = sorted(str(p) for p in run.wandb.glob("*run-*"))
+    shards = f"{cfg.data.output_dir}/{{{','.join(DatasetDir.SPLITS)}}}/<source>-NNNNN.{{bin,idx}}"
+    return "\n".join([
         "",
-        f"demo finished: validation loss {first:.3f} at step 0 → {result['loss']:.3f} at step "
-        f"{result['step']} (perplexity {result['perplexity']:.1f})",
-        f"  shards:       {cfg.data.output_dir}/{{train,validation}}/<source>-NNNNN.{{bin,idx}} (manifest.json)",
-        f"  checkpoints:  {run / 'checkpoints'} (newest: {result['checkpoint']})",
-        f"  eval results: {Path(result['checkpoint']) / 'eval.json'}",
-        f"  metrics:      {run / 'metrics.jsonl'}",
+        f"demo finished: validation loss {first:.3f} at step 0 → {result.loss:.3f} at step "
+        f"{result.step} (perplexity {result.perplexity:.1f})",
+        f"  shards:       {shards} ({DatasetDir.MANIFEST})",
+        f"  checkpoints:  {run.checkpoints} (newest: {result.checkpoint})",
+        f"  eval results: {Path(result.checkpoint) / RunDir.EVAL_JSON}",
+        f"  metrics:      {run.metrics}",
         f"  W&B runs:     {', '.join(wandb_dirs) or 'disabled'}",
         f"                (offline unless WANDB_API_KEY is set; upload with `wandb sync DIR`)",
         f"  report:       {report} (and {report.with_suffix('.png').name}; open it in a browser, offline)",
-    ]))
-    return 0
+    ])

@@ -5,36 +5,33 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from safetensors.torch import load_file
 
 from pipeline.config import ModelConfig
-from pipeline.train import checkpoint as ckpt
+from pipeline.rundir import DatasetDir, RunDir
+from pipeline.train.checkpoint import TRAINER_STATE, WEIGHTS, CheckpointError, resolve_checkpoint
 
-
-def resolve_checkpoint(path: str | Path) -> ckpt.Committed:
-    """A checkpoint directory, or a run directory (its newest committed checkpoint); verified."""
-    path = Path(path)
-    if (path / ckpt.COMMIT).is_file() or path.name.startswith("step_"):
-        ckpt.verify_checkpoint(path)
-        return ckpt.Committed(path, ckpt.committed_step(path))
-    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    latest = ckpt.latest_committed(root, verify=True)
-    if latest is None:
-        raise ckpt.CheckpointError(f"{path}: no committed checkpoint found")
-    return latest
+__all__ = ["export_hf", "resolve_checkpoint"]
 
 
 def export_hf(checkpoint_path: str | Path, out_dir: str | Path, log=print) -> Path:
+    from safetensors.torch import load
+
     from pipeline.models.hf import export_to_hf
 
-    checkpoint = resolve_checkpoint(checkpoint_path)
-    model_cfg = ModelConfig.model_validate(checkpoint.trainer_state()["model"])
-    run_cfg = yaml.safe_load((checkpoint.path / "config.yaml").read_text(encoding="utf-8"))
-    tokenizer = Path(run_cfg["data"]["output_dir"]) / "tokenizer.json"
+    checkpoint = resolve_checkpoint(checkpoint_path)  # verified against COMMIT
+    model = checkpoint.state().model
+    if model is None:
+        raise CheckpointError(f"{checkpoint.path / TRAINER_STATE}: no model config recorded (written by an older "
+                              f"version); export needs the resolved model config the weights were trained with")
+    model_cfg = ModelConfig.model_validate(model)
+    store = checkpoint.storage
+    run_cfg = yaml.safe_load(store.read_text(RunDir.CONFIG))
+    dataset = DatasetDir(run_cfg["data"]["output_dir"])
+    found = dataset.storage.exists(DatasetDir.TOKENIZER)
     out = export_to_hf(
-        load_file(str(checkpoint.path / "model.safetensors")), model_cfg, out_dir,
-        tokenizer_json=tokenizer if tokenizer.is_file() else None,
+        load(store.read_bytes(WEIGHTS)), model_cfg, out_dir,
+        tokenizer_json=dataset.storage.local_path(DatasetDir.TOKENIZER) if found else None,
     )
     log(f"export: {checkpoint.path} → {out} (transformers {'GPT2LMHeadModel' if model_cfg.arch == 'gpt' else 'BertForMaskedLM'})"
-        + ("" if tokenizer.is_file() else f"; tokenizer not found at {tokenizer}, not copied"))
+        + ("" if found else f"; tokenizer not found at {dataset.tokenizer}, not copied"))
     return out

@@ -27,9 +27,15 @@ individual kernels. benchmarks/plan_memory.py compares it with a measured peak.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from pipeline.config import ModelConfig, PipelineConfig, TrainConfig
+from pipeline.config import ConfigError, ModelConfig, PipelineConfig, TrainConfig
 from pipeline.models.flops import param_count, train_flops_per_token
+from pipeline.rundir import DatasetDir, RunDir
+from pipeline.units import format_duration
+
+if TYPE_CHECKING:  # the data and train layers are imported where the disk is read, not at import
+    from pipeline.data.manifest import Manifest
 
 GIB = 1024**3
 OVERHEAD_BYTES = 1 * GIB  # CUDA context, cuBLAS/NCCL workspaces: reported, not added
@@ -179,11 +185,7 @@ class Check:
     blocking: bool = True  # False: a warning that does not fail the plan
 
 
-def _padded(vocab: int, multiple: int) -> int:
-    return -(-vocab // multiple) * multiple
-
-
-def _check_data(cfg: PipelineConfig, checks: list[Check]) -> dict | None:
+def _check_data(cfg: PipelineConfig, checks: list[Check]) -> Manifest | None:
     from pipeline.data.manifest import ManifestError, verify_manifest
 
     root = cfg.data.output_dir
@@ -192,71 +194,81 @@ def _check_data(cfg: PipelineConfig, checks: list[Check]) -> dict | None:
     except ManifestError as exc:
         checks.append(Check("data", False, str(exc)))
         return None
-    train_tokens = manifest.get("splits", {}).get("train", {}).get("tokens", 0)
-    checks.append(Check("data", True, f"{root}/manifest.json verified ({train_tokens:,} train tokens)"))
+    train = manifest.splits.get("train")
+    train_tokens = train.tokens if train is not None else 0
+    checks.append(Check("data", True, f"{DatasetDir(root).manifest} verified ({train_tokens:,} train tokens)"))
     if train_tokens < cfg.train.seq_len + 1:
         checks.append(Check("data", False, f"the train split has {train_tokens} tokens, fewer than one "
                             f"sample of train.seq_len + 1 = {cfg.train.seq_len + 1}"))
-    recorded = dict(manifest.get("config") or {})
-    current = cfg.data.model_dump(mode="json")
-    for how in ("num_cpus", "executor", "local_max_bytes", "block_bytes"):  # change how, not what, is written
-        recorded.pop(how, None), current.pop(how, None)
-    changed = sorted(k for k in set(recorded) | set(current) if recorded.get(k) != current.get(k))
-    if recorded and changed:
+    changed = _data_config_changes(manifest.config, cfg)
+    if changed:
         checks.append(Check("data", False, f"the config's data section differs from the one this dataset "
                             f"was prepared with ({', '.join('data.' + k for k in changed)}); run "
                             f"`pretrain prepare` again or train as it is", blocking=False))
     return manifest
 
 
-def _check_checkpoint(cfg: PipelineConfig, manifest: dict | None, checks: list[Check]) -> None:
-    import yaml
+def _data_config_changes(recorded: dict, cfg: PipelineConfig) -> list[str]:
+    """Fields of the data section that differ from the ones the dataset was prepared with (none when
+    the manifest does not record them); fields that change how, not what, is written are left out."""
+    if not recorded:
+        return []
+    recorded, current = dict(recorded), cfg.data.model_dump(mode="json")
+    for how in ("num_cpus", "executor", "local_max_bytes", "block_bytes"):
+        recorded.pop(how, None), current.pop(how, None)
+    return sorted(k for k in set(recorded) | set(current) if recorded.get(k) != current.get(k))
 
-    from pipeline.data.manifest import manifest_sha256, same_or_grown
+
+def _check_checkpoint(cfg: PipelineConfig, manifest: Manifest | None, checks: list[Check]) -> None:
+    """The newest committed checkpoint against this config and dataset, by the one resume rule
+    (train/compat.py) that `pretrain train` applies before any rank starts."""
+    from pipeline.data.manifest import manifest_sha256
     from pipeline.train.checkpoint import CheckpointError, latest_committed
+    from pipeline.train.compat import resume_problems
 
-    root = f"{cfg.run_dir}/checkpoints"
+    root = RunDir(cfg.run_dir).checkpoints
     try:
         newest = latest_committed(root, verify=True)
+        state = newest.state() if newest is not None else None
     except CheckpointError as exc:
         checks.append(Check("checkpoint", False, str(exc)))
         return
     if newest is None:
         checks.append(Check("checkpoint", True, f"none under {root}: training starts at step 0"))
         return
-    state = newest.trainer_state()
-    saved_model = dict(state.get("model") or {})
-    current_model = cfg.model.model_dump(mode="json")
-    for volatile in ("activation_checkpointing", "dropout", "attn_dropout"):  # no effect on the weights
-        saved_model.pop(volatile, None), current_model.pop(volatile, None)
-    diff = sorted(k for k in set(saved_model) | set(current_model) if saved_model.get(k) != current_model.get(k))
-    problems = [f"model.{k}: checkpoint {saved_model.get(k)!r}, config {current_model.get(k)!r}" for k in diff]
-    saved_cfg = yaml.safe_load((newest.path / "config.yaml").read_text(encoding="utf-8")) or {}
-    saved_batch = (saved_cfg.get("train") or {}).get("global_batch_size")
-    if saved_batch != cfg.train.global_batch_size:
-        problems.append(f"train.global_batch_size: checkpoint {saved_batch}, config "
-                        f"{cfg.train.global_batch_size} (the sample order depends on it)")
-    if manifest is not None and not same_or_grown(manifest, manifest_sha256(cfg.data.output_dir),
-                                                  state.get("data_manifest_sha256", "")):
-        problems.append("data: the checkpoint was trained on a different dataset (manifest sha256 differs)")
+    sha = manifest_sha256(cfg.data.output_dir) if manifest is not None else None
+    problems = resume_problems(cfg, state, manifest, sha)
     if problems:
         checks.append(Check("checkpoint", False, f"{newest.path} cannot be resumed with this config: "
                             + "; ".join(problems) + ". Use a new run_dir or the original config"))
         return
-    step = state.get("step", newest.step)
-    grown = manifest is not None and state.get("data_manifest_sha256") != manifest_sha256(cfg.data.output_dir)
-    era = " on a dataset grown by `prepare --append` since (a new data era starts there)" if grown else ""
+    era = (" on a dataset grown by `prepare --append` since (a new data era starts there)"
+           if sha is not None and state.data_manifest_sha256 != sha else "")
     budget = (f"; train.max_steps ({cfg.train.max_steps}) is reached: `pretrain train` will do nothing"
-              if step >= cfg.train.max_steps else f", {cfg.train.max_steps - step} steps to go")
-    checks.append(Check("checkpoint", True, f"resumes from {newest.path} at step {step} (trained on world size "
-                        f"{state.get('world_size')}){era}{budget}"))
+              if state.step >= cfg.train.max_steps else f", {cfg.train.max_steps - state.step} steps to go")
+    checks.append(Check("checkpoint", True, f"resumes from {newest.path} at step {state.step} (trained on world "
+                        f"size {state.world_size}){era}{budget}"))
+
+
+def _resolve_vocab(cfg: PipelineConfig, manifest: Manifest | None, checks: list[Check]) -> PipelineConfig:
+    """The config with ``model.vocab_size`` from the prepared tokenizer where the model does not set it."""
+    from pipeline.train.compat import resolve_model_config
+
+    vocab = manifest.tokenizer.vocab_size if manifest is not None else None
+    if vocab is not None:
+        try:
+            cfg = cfg.model_copy(update={"model": resolve_model_config(cfg.model, vocab)})
+        except ConfigError as exc:
+            checks.append(Check("model", False, str(exc)))
+    if cfg.model.vocab_size is None:
+        checks.append(Check("model", False, "model.vocab_size is unset and no prepared tokenizer gives it; "
+                            "set model.vocab_size (e.g. --set model.vocab_size=50257) for an estimate"))
+    return cfg
 
 
 def preflight(cfg: PipelineConfig, world_size: int) -> tuple[PipelineConfig, list[Check]]:
     """Check the batch split, the data and the checkpoint; returns the config with the vocabulary
     resolved from the prepared tokenizer where the model does not set it."""
-    from pipeline.config import ConfigError
-
     checks: list[Check] = []
     try:
         accum = cfg.gradient_accumulation_steps(world_size)
@@ -265,16 +277,7 @@ def preflight(cfg: PipelineConfig, world_size: int) -> tuple[PipelineConfig, lis
     except ConfigError as exc:
         checks.append(Check("batch", False, str(exc)))
     manifest = _check_data(cfg, checks)
-    if manifest is not None and cfg.model.vocab_size is None:
-        vocab = manifest["tokenizer"]["vocab_size"]
-        model = cfg.model.model_copy(update={"vocab_size": _padded(vocab, cfg.model.pad_vocab_to_multiple_of)})
-        cfg = cfg.model_copy(update={"model": model})
-    elif manifest is not None and cfg.model.vocab_size < manifest["tokenizer"]["vocab_size"]:
-        checks.append(Check("model", False, f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the "
-                            f"tokenizer's vocabulary ({manifest['tokenizer']['vocab_size']})"))
-    if cfg.model.vocab_size is None:
-        checks.append(Check("model", False, "model.vocab_size is unset and no prepared tokenizer gives it; "
-                            "set model.vocab_size (e.g. --set model.vocab_size=50257) for an estimate"))
+    cfg = _resolve_vocab(cfg, manifest, checks)
     _check_checkpoint(cfg, manifest, checks)
     return cfg, checks
 
@@ -284,13 +287,7 @@ def _gib(n: int) -> str:
 
 
 def _duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.1f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f} min"
-    if seconds < 3 * 86400:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} days"
+    return format_duration(seconds, "approx")
 
 
 def format_report(cfg: PipelineConfig, est: Estimate) -> str:

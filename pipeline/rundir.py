@@ -194,3 +194,7 @@ class DatasetDir:
     def staging(self) -> DatasetDir:
         """Where `prepare --append` prepares the new files before moving them in."""
         return DatasetDir(self.root / self.APPEND_STAGING)
+
+    def staged(self, key: str) -> str:
+        """The key (in this dataset's storage) of ``key`` of the `staging` dataset."""
+        return f"{self.APPEND_STAGING}/{key}"

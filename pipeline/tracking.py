@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 
 from pipeline.config import PipelineConfig
+from pipeline.rundir import RunDir
+from pipeline.storage import open_storage
 
 # A name is secret-like when one of its words (split at _ - . and spaces) is one of these: so
 # WANDB_API_KEY and hf_token are, while data.tokenizer and warmup_tokens are not.
@@ -67,7 +69,10 @@ class NullTracker:
 
 
 class Tracker:
-    """Rank-0 tracker: ``log(metrics, step)`` goes to metrics.jsonl and to W&B."""
+    """Rank-0 tracker: ``log(metrics, step)`` goes to metrics.jsonl and to W&B.
+
+    ``metrics_path`` is one of the run's logs (`RunDir.metrics`, `RunDir.eval_metrics`); each row is
+    appended through the storage layer and is on disk when ``log`` returns."""
 
     def __init__(
         self,
@@ -78,8 +83,8 @@ class Tracker:
         step_metric: str | None = None,
     ):
         self.metrics_path = Path(metrics_path)
-        self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.metrics_path, "a", encoding="utf-8")
+        self._log_store = open_storage(self.metrics_path.parent)
+        self._log_store.append_text(self.metrics_path.name, "")  # the log exists from the start
         self._wandb = None
         self.run_id = run_id
         self.run_dir = None
@@ -89,8 +94,8 @@ class Tracker:
             return
         import wandb
 
-        wandb_dir = Path(cfg.run_dir)
-        wandb_dir.mkdir(parents=True, exist_ok=True)
+        wandb_dir = RunDir(cfg.run_dir).root  # wandb.init adds its own wandb/ below it
+        open_storage(wandb_dir).makedirs()
         self._wandb = wandb.init(
             project=cfg.tracking.project,
             group=cfg.tracking.group or cfg.name,
@@ -113,8 +118,7 @@ class Tracker:
         """Scalars to metrics.jsonl and W&B; ``tables`` ({key: (columns, rows)}) to W&B only, as a
         wandb.Table logged whole each time (W&B keeps every version; the newest is the complete one)."""
         record = {"step": step, "time": round(time.time(), 3), **metrics}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        self._log_store.append_text(self.metrics_path.name, json.dumps(record) + "\n")
         if self._wandb is None:
             return
         payload = dict(metrics)
@@ -129,7 +133,6 @@ class Tracker:
             self._wandb.log(payload, step=step)
 
     def close(self) -> None:
-        self._file.close()
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None

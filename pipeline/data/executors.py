@@ -11,8 +11,9 @@
   dedup's bucket counting as a ``groupby``. Starting Ray (its GCS, raylet and worker processes)
   costs seconds, which pays off only on large corpora or across machines.
 
-Both hand the driver each block's result in corpus order, computed by the same functions, so every
-output file is byte-identical whichever executor ran (``tests/e2e/test_prepare_executors.py``).
+Both implement `Executor`, the Protocol prepare.py is written against, and hand the driver each
+block's result in corpus order, computed by the same functions, so every output file is
+byte-identical whichever executor ran (``tests/e2e/test_prepare_executors.py``).
 ``choose_executor`` decides what ``data.executor: auto`` means for a run.
 """
 
@@ -22,12 +23,12 @@ import functools
 import logging
 import multiprocessing
 import os
-import shutil
 import sys
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -35,18 +36,32 @@ from pipeline.config import DataConfig
 from pipeline.data import workers
 from pipeline.data.dedup import Duplicate, find_duplicates, find_duplicates_local
 from pipeline.data.fast_tokenizer import Encoder
-from pipeline.data.sources import SourceFile
+from pipeline.data.sources import Corpus, input_bytes  # noqa: F401 (input_bytes: what `auto` weighs)
 
 
-def input_bytes(files: list[SourceFile]) -> int:
-    """Bytes on disk of every input file (each path once; a saved HF dataset: every file in it)."""
-    total = 0
-    for path in sorted({Path(f.path) for f in files}):
-        if path.is_dir():
-            total += sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-        else:
-            total += path.stat().st_size
-    return total
+class Executor(Protocol):
+    """What `pretrain prepare` asks of whoever runs its stage functions (workers.py) over the corpus.
+
+    Every method hands back results in corpus order, so the driver writes the same bytes whichever
+    executor ran."""
+
+    name: str  # "local" or "ray", as the manifest records it
+
+    def describe(self) -> str:
+        """The resources it runs on, for the log (``2 processes``, ``16 Ray CPUs``)."""
+
+    def share(self, value: Any) -> Any:
+        """``value`` as the stage functions receive it (a Ray object ref, or the value itself)."""
+
+    def tokenizer_arg(self, tokenizer_json: str, kind: str) -> Any:
+        """The tokenizer as `workers.encode_batch` receives it (an Encoder, or a ref to its JSON)."""
+
+    def map(self, corpus: Corpus, fn: Callable, **kwargs) -> Iterator[dict]:
+        """``fn(block, **kwargs)`` for every block of records of ``corpus``, in corpus order."""
+
+    def duplicates(self, corpus: Corpus, spill_dir: Path) -> tuple[list[Duplicate], int, np.ndarray]:
+        """(duplicates, records scanned, filter verdicts) of the dedup pass; ``spill_dir`` is local
+        scratch the caller creates and removes."""
 
 
 def _mib(n: int) -> str:
@@ -153,18 +168,18 @@ class LocalExecutor:
     def tokenizer_arg(self, tokenizer_json: str, kind: str):
         return Encoder(tokenizer_json, kind)  # built once here; forked workers inherit it
 
-    def blocks(self, corpus) -> Iterator[dict]:
+    def blocks(self, corpus: Corpus) -> Iterator[dict]:
         for f in corpus.files:
             src = self.cfg.sources[f.source]
             yield from workers.file_blocks(f, src.text_field, src.text_unit, self.cfg.block_bytes)
 
-    def map(self, corpus, fn: Callable, **kwargs) -> Iterator[dict]:
+    def map(self, corpus: Corpus, fn: Callable, **kwargs) -> Iterator[dict]:
         task = functools.partial(fn, **kwargs)
         if self.processes == 1:
             return map(task, self.blocks(corpus))
         return _in_order(task, self.blocks(corpus), self.processes)
 
-    def duplicates(self, corpus, spill_dir: Path) -> tuple[list[Duplicate], int, np.ndarray]:
+    def duplicates(self, corpus: Corpus, spill_dir: Path) -> tuple[list[Duplicate], int, np.ndarray]:
         """(duplicates, records scanned, filter verdicts) of the dedup pass."""
         cfg, records, filtered = self.cfg, [0], []
 
@@ -175,11 +190,7 @@ class LocalExecutor:
                 yield b
 
         meta = self.map(corpus, workers.scan_batch, clean=cfg.clean.model_dump(), dedup=cfg.dedup.model_dump())
-        shutil.rmtree(spill_dir, ignore_errors=True)
-        try:
-            duplicates = find_duplicates_local(tapped(meta), cfg.dedup, spill_dir)
-        finally:
-            shutil.rmtree(spill_dir, ignore_errors=True)
+        duplicates = find_duplicates_local(tapped(meta), cfg.dedup, spill_dir)
         return duplicates, records[0], _filtered(filtered)
 
 
@@ -218,7 +229,7 @@ class RayExecutor:
     def tokenizer_arg(self, tokenizer_json: str, kind: str):
         return self.share(tokenizer_json)  # each worker builds its Encoder once (workers._encoder)
 
-    def records(self, corpus):
+    def records(self, corpus: Corpus):
         """Ray Dataset of every raw record: doc_id, text, reason, raw."""
         import ray
 
@@ -229,13 +240,13 @@ class RayExecutor:
             compute=ray.data.TaskPoolStrategy(size=len(corpus.files)),
         )
 
-    def _mapped(self, corpus, fn: Callable, **kwargs):
+    def _mapped(self, corpus: Corpus, fn: Callable, **kwargs):
         return self.records(corpus).map_batches(fn, batch_format="numpy", batch_size=None, fn_kwargs=kwargs)
 
-    def map(self, corpus, fn: Callable, **kwargs) -> Iterator[dict]:
+    def map(self, corpus: Corpus, fn: Callable, **kwargs) -> Iterator[dict]:
         return self._mapped(corpus, fn, **kwargs).iter_batches(batch_size=None, batch_format="numpy")
 
-    def duplicates(self, corpus, spill_dir: Path) -> tuple[list[Duplicate], int, np.ndarray]:
+    def duplicates(self, corpus: Corpus, spill_dir: Path) -> tuple[list[Duplicate], int, np.ndarray]:
         import ray
 
         cfg = self.cfg

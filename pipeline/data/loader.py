@@ -24,8 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.data.manifest import Manifest
 from pipeline.data.masking import mask_tokens
 from pipeline.data.shards import IndexedShard, ShardError
+from pipeline.rundir import DatasetDir
 
 BLEND_BLOCK = 4096  # positions per block; each block holds the exact blend proportions
 
@@ -188,24 +190,24 @@ class BERTSamples:
         return torch.from_numpy(np.stack(inputs)), torch.from_numpy(np.stack(labels))
 
 
-def open_split(data_dir: str | Path, manifest: dict, split: str, seq_len: int, *, arch: str = "gpt",
+def open_split(data_dir: str | Path, manifest: Manifest | dict, split: str, seq_len: int, *, arch: str = "gpt",
                seed: int = 0) -> dict[str, GPTSamples | BERTSamples]:
-    """Source name → samples of one split, in manifest order (sources without enough data are left out)."""
-    data_dir = Path(data_dir)
-    info = manifest["splits"][split]
-    tok = manifest["tokenizer"]
-    out = {}
-    for name, src in info["sources"].items():
-        prefixes = [data_dir / p for p in src["shards"]]
-        if not prefixes or src["tokens"] < seq_len + 1:
+    """Source name → samples of one split, in manifest order (sources without enough data are left out).
+
+    ``manifest``: the dataset's verified Manifest (or its JSON dict, from a script that read the file)."""
+    data = DatasetDir(data_dir)
+    m = Manifest.coerce(manifest, str(data.manifest))
+    tok, out = m.tokenizer, {}
+    for name, src in m.splits[split].sources.items():
+        prefixes = [data.storage.local_path(p) for p in src.shards]  # memory-mapped: local files
+        if not prefixes or src.tokens < seq_len + 1:
             continue
         if arch == "bert":
-            out[name] = BERTSamples(prefixes, seq_len, seed=seed, special=tok["special_ids"],
-                                    vocab_size=tok["vocab_size"])
+            out[name] = BERTSamples(prefixes, seq_len, seed=seed, special=tok.special_ids, vocab_size=tok.vocab_size)
         else:
             out[name] = GPTSamples(prefixes, seq_len)
     if not out:
-        raise ShardError(f"{data_dir}: no source of the {split} split has {seq_len + 1} tokens; lower train.seq_len")
+        raise ShardError(f"{data.root}: no source of the {split} split has {seq_len + 1} tokens; lower train.seq_len")
     return out
 
 

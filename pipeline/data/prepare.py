@@ -14,18 +14,22 @@ arrive, so the output is byte-identical whatever the executor, number of workers
 driver's memory does not grow with the corpus. The dedup pass records which documents the quality
 filters dropped, so the later passes do not run the filters again. Nothing is lost silently: for
 every source, documents in = kept + quarantined + deduplicated, checked before the manifest is written.
+
+Every file is named by `DatasetDir` and written through its storage; a `Scope` (stages.py) says which
+input files a run prepares (all of them, or, for `prepare --append`, the new ones: see append.py).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from collections import Counter
-from pathlib import Path
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
+from tokenizers import Tokenizer
 
 import pipeline
 from pipeline.config import ConfigError, DataConfig
@@ -33,156 +37,137 @@ from pipeline.data import workers
 from pipeline.data.clean import clean_text
 from pipeline.data.dedup import Duplicate
 from pipeline.data.executors import (
-    LocalExecutor, RayExecutor, choose_executor, init_ray, input_bytes, ray_running,
+    Executor, LocalExecutor, RayExecutor, choose_executor, init_ray, ray_running,
 )
 from pipeline.data.fast_tokenizer import choose_encoder
-from pipeline.data.manifest import MANIFEST, ManifestError, verify_manifest, write_manifest
-from pipeline.data.shards import RollingShardWriter, token_dtype
-from pipeline.data.sources import (
-    SourceFile, doc_ids, list_source_files, position_unit, read_file, split_doc_id, split_doc_ids,
+from pipeline.data.manifest import (
+    Accounting, DedupInfo, InputFile, Manifest, ManifestError, QuarantineInfo, ShardSet, SourceInfo, SplitInfo,
+    TokenizerInfo, verify_manifest, write_manifest,
 )
-from pipeline.data.stages import Progress, fingerprints, input_hashes, load_stage, save_stage, summary_table
+from pipeline.data.shards import RollingShardWriter, token_dtype
+from pipeline.data.sources import Corpus, doc_ids, read_file, split_doc_id, split_doc_ids
+from pipeline.data.stages import (
+    DedupRecord, Progress, Scope, StageContext, StageRecord, fingerprints, input_hashes, save_stage, summary_table,
+)
 from pipeline.data.tokenizer import TokenizerError, load_tokenizer, special_ids, train_tokenizer
 from pipeline.errors import UserError
+from pipeline.rundir import DatasetDir
+from pipeline.storage import LocalStorage
 
-SPLITS = ("train", "validation")
-QUARANTINE, DUPLICATES, TOKENIZER = "quarantine.jsonl", "duplicates.jsonl", "tokenizer.json"
-FILTERED = ".stages/dedup-filtered.npy"  # the dedup pass's filter verdicts: [doc id, clean.FILTERS index]
+SPLITS = DatasetDir.SPLITS
+QUARANTINE, DUPLICATES, TOKENIZER = DatasetDir.QUARANTINE, DatasetDir.DUPLICATES, DatasetDir.TOKENIZER
+FILTERED = DatasetDir.FILTERED  # the dedup pass's filter verdicts: [doc id, clean.FILTERS index]
 
 
 class PrepareError(UserError):
     """The corpus cannot make a usable dataset (nothing left, or a split would be empty)."""
 
 
-class _Corpus:
-    """The files of every source and how to read and name their records."""
-
-    def __init__(self, cfg: DataConfig, only: set[str] | None = None):
-        if not cfg.sources:
-            raise ConfigError("data.sources: no sources configured; add at least one path")
-        self.cfg = cfg
-        # ``only``: the labels of the files to read (`prepare --append` reads the new ones); the
-        # others keep their index, so doc ids and quarantine positions name the same places
-        self.files = [f for i, s in enumerate(cfg.sources) for f in list_source_files(s, i)
-                      if only is None or f.label in only]
-        self.by_id = {(f.source, f.index): f for f in self.files}
-        self.names = [s.resolved_name for s in cfg.sources]
-        self.input_bytes = input_bytes(self.files)
-
-    def items(self) -> list[dict]:
-        return [{"source": f.source, "file": f.index, "path": str(Path(f.path).resolve()), "format": f.format,
-                 "part": f.part or "", "text_field": self.cfg.sources[f.source].text_field,
-                 "text_unit": self.cfg.sources[f.source].text_unit} for f in self.files]
-
-    def where(self, doc_id: int) -> dict:
-        """A record's place for the quarantine and duplicates files: its file and position in it."""
-        source, file, pos = split_doc_id(doc_id)
-        sf: SourceFile = self.by_id[source, file]
-        unit = position_unit(sf.format, self.cfg.sources[source].text_unit)
-        return {"file": sf.label, unit: pos} if unit != "file" else {"file": sf.label}
-
-    def source_name(self, doc_id: int) -> str:
-        return self.names[split_doc_id(doc_id)[0]]
-
-    def source_path(self, doc_id: int) -> str:
-        return self.cfg.sources[split_doc_id(doc_id)[0]].path
+def _line(record: dict) -> bytes:
+    """One line of a .jsonl record file."""
+    return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
 
 
-def _dedup(corpus: _Corpus, ex, out: Path, fingerprint: str, log, prior: set[str] | None = None) -> dict:
-    """read → clean → MinHash; find duplicates; write duplicates.jsonl and the filter verdicts.
+# ---- dedup ------------------------------------------------------------------------------------------
 
-    ``prior``: labels of files already in the dataset (`prepare --append`): they are read for
-    dedup only, their documents always win, and only duplicates among the others are written."""
-    cfg, n = corpus.cfg, len(corpus.names)
+def _dedup(ctx: StageContext) -> DedupRecord:
+    """read → clean → MinHash; find duplicates; write duplicates.jsonl and the filter verdicts."""
+    corpus, store = ctx.scope.dedup_corpus(ctx.cfg, ctx.corpus), ctx.store
     t0 = time.time()
-    log(f"dedup: reading, cleaning and hashing {len(corpus.files):,} files of {n} sources")
-    duplicates, records, filtered = ex.duplicates(corpus, out / ".dedup-spill")
-    if prior:
-        duplicates = prefer_prior(duplicates, lambda i: corpus.by_id[split_doc_id(i)[:2]].label in prior)
-    exact, near = np.zeros(n, np.int64), np.zeros(n, np.int64)
-    with open(out / (DUPLICATES + ".tmp"), "w", encoding="utf-8") as f:
+    ctx.log(f"dedup: reading, cleaning and hashing {len(corpus.files):,} files of {len(corpus.names)} sources")
+    store.delete_tree(DatasetDir.DEDUP_SPILL)
+    try:  # local scratch for the local executor's spilled rows
+        found, records, filtered = ctx.executor.duplicates(corpus, store.local_path(DatasetDir.DEDUP_SPILL))
+    finally:
+        store.delete_tree(DatasetDir.DEDUP_SPILL)
+    duplicates = ctx.scope.settle(found, corpus)
+    exact, near = _write_duplicates(store, corpus, duplicates)
+    with store.open_atomic(FILTERED) as f:
+        np.save(f, filtered)
+    ctx.log(f"dedup: {len(duplicates):,} duplicates ({int(exact.sum()):,} exact, {int(near.sum()):,} near) "
+            f"among {records:,} records ({time.time() - t0:.1f}s)")
+    return save_stage(ctx.data.root, "dedup", ctx.fingerprints["dedup"], [DUPLICATES, FILTERED], kind=DedupRecord,
+                      seconds=time.time() - t0, exact=exact.tolist(), near=near.tolist())
+
+
+def _write_duplicates(store: LocalStorage, corpus: Corpus, duplicates: list[Duplicate]
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """duplicates.jsonl, each line naming the duplicate and its first occurrence; (exact, near) per source."""
+    exact, near = np.zeros(len(corpus.names), np.int64), np.zeros(len(corpus.names), np.int64)
+    with store.open_atomic(DUPLICATES) as f:
         for d in duplicates:
             (exact if d.kind == "exact" else near)[split_doc_id(d.doc_id)[0]] += 1
             first = {"doc_id": d.duplicate_of, "source_name": corpus.source_name(d.duplicate_of),
                      **corpus.where(d.duplicate_of)}
-            f.write(json.dumps({"doc_id": d.doc_id, "source_name": corpus.source_name(d.doc_id),
-                                **corpus.where(d.doc_id), "kind": d.kind, "similarity": round(d.similarity, 4),
-                                "duplicate_of": first}, ensure_ascii=False) + "\n")
-    os.replace(out / (DUPLICATES + ".tmp"), out / DUPLICATES)
-    (out / FILTERED).parent.mkdir(parents=True, exist_ok=True)
-    with open(out / (FILTERED + ".tmp"), "wb") as f:
-        np.save(f, filtered)
-    os.replace(out / (FILTERED + ".tmp"), out / FILTERED)
-    log(f"dedup: {len(duplicates):,} duplicates ({int(exact.sum()):,} exact, {int(near.sum()):,} near) "
-        f"among {records:,} records ({time.time() - t0:.1f}s)")
-    return save_stage(out, "dedup", fingerprint, [DUPLICATES, FILTERED], seconds=time.time() - t0,
-                      exact=exact.tolist(), near=near.tolist())
+            f.write(_line({"doc_id": d.doc_id, "source_name": corpus.source_name(d.doc_id), **corpus.where(d.doc_id),
+                           "kind": d.kind, "similarity": round(d.similarity, 4), "duplicate_of": first}))
+    return exact, near
 
 
-def prefer_prior(duplicates: list[Duplicate], is_prior) -> list[Duplicate]:
-    """Re-anchor duplicate groups on documents already in the dataset: a group with a prior document
-    keeps that one (the smallest id of them) and removes every new member, whatever the ids' order;
-    prior documents themselves are left out (their fate was decided when they were prepared)."""
-    groups: dict[int, list[Duplicate]] = {}
-    for d in duplicates:
-        groups.setdefault(d.duplicate_of, []).append(d)
-    out = []
-    for root, members in groups.items():
-        priors = sorted(i for i in [root, *(m.doc_id for m in members)] if is_prior(i))
-        if not priors:
-            out.extend(members)
-            continue
-        anchor = priors[0]
-        out.extend(Duplicate(m.doc_id, anchor, m.kind, m.similarity) for m in members if not is_prior(m.doc_id))
-        if not is_prior(root):  # the group's first occurrence is new: it duplicates the prior one too
-            a = next(m for m in members if m.doc_id == anchor)
-            out.append(Duplicate(root, anchor, a.kind, a.similarity))
-    return sorted(out, key=lambda d: d.doc_id)
-
-
-def _removed_ids(out: Path) -> np.ndarray:
+def _removed_ids(store: LocalStorage) -> np.ndarray:
     """Sorted doc ids of the duplicates found by the dedup stage."""
-    with open(out / DUPLICATES, encoding="utf-8") as f:
+    with store.open_read(DUPLICATES) as f:
         return np.sort(np.array([json.loads(line)["doc_id"] for line in f], dtype=np.int64))
 
 
-def _tokenizer(corpus: _Corpus, ex, out: Path, fingerprint: str, removed_ref, filtered_ref, log) -> dict:
-    """Train on the kept documents streamed through the driver (or copy data.tokenizer.path)."""
-    tok_cfg = corpus.cfg.tokenizer
+def _dedup_stage(ctx: StageContext) -> DedupRecord:
+    """Run (or reuse) dedup when it is on, then share its verdicts with the later passes."""
+    if ctx.cfg.dedup.exact or ctx.cfg.dedup.near:
+        dedup = ctx.run("dedup", _dedup, files=(DUPLICATES, FILTERED), kind=DedupRecord)
+        with ctx.store.open_read(FILTERED) as f:
+            filtered = np.load(f)
+    else:
+        ctx.store.write_atomic(DUPLICATES, b"")
+        n = len(ctx.corpus.names)
+        dedup = DedupRecord(fingerprint="", seconds="off", exact=[0] * n, near=[0] * n)
+        filtered = None  # no dedup pass: the later passes run the filters themselves
+    ctx.share_verdicts(_removed_ids(ctx.store), filtered)
+    return dedup
+
+
+# ---- tokenizer --------------------------------------------------------------------------------------
+
+def _training_texts(ctx: StageContext) -> Iterator[str]:
+    """The kept documents' cleaned text, streamed through the driver, up to data.tokenizer.train_sample_docs."""
+    limit = ctx.cfg.tokenizer.train_sample_docs
+    kept = ctx.executor.map(ctx.corpus, workers.kept_texts, clean=ctx.cfg.clean.model_dump(),
+                            removed_ref=ctx.removed_ref, filtered_ref=ctx.filtered_ref)
+    progress = Progress("tokenizer", ctx.log)
+    n = 0
+    try:
+        for batch in kept:
+            for text in batch["text"]:
+                if limit is not None and n >= limit:
+                    return
+                n += 1
+                progress.update(1)
+                yield str(text)
+    finally:
+        getattr(kept, "close", lambda: None)()  # stops the workers when the sample is full
+
+
+def _tokenizer(ctx: StageContext) -> StageRecord:
+    """Train on the kept documents (or copy data.tokenizer.path); write tokenizer.json."""
+    tok_cfg = ctx.cfg.tokenizer
     t0 = time.time()
     if tok_cfg.path:
         tokenizer = load_tokenizer(tok_cfg.path)
     else:
-        log("tokenizer: training on the kept documents")
-        kept = ex.map(corpus, workers.kept_texts, clean=corpus.cfg.clean.model_dump(), removed_ref=removed_ref,
-                      filtered_ref=filtered_ref)
-        progress = Progress("tokenizer", log)
-
-        def texts():
-            n = 0
-            try:
-                for batch in kept:
-                    for text in batch["text"]:
-                        if tok_cfg.train_sample_docs is not None and n >= tok_cfg.train_sample_docs:
-                            return
-                        n += 1
-                        progress.update(1)
-                        yield str(text)
-            finally:
-                getattr(kept, "close", lambda: None)()  # stops the workers when the sample is full
-
-        tokenizer = train_tokenizer(texts(), tok_cfg)
+        ctx.log("tokenizer: training on the kept documents")
+        tokenizer = train_tokenizer(_training_texts(ctx), tok_cfg)
     try:
         special_ids(tokenizer, tok_cfg)
     except TokenizerError as exc:
         raise ConfigError(f"data.tokenizer: {exc}") from None
-    tokenizer.save(str(out / TOKENIZER))
-    log(f"tokenizer: {'loaded' if tok_cfg.path else 'trained'} {tok_cfg.type}, vocabulary "
-        f"{tokenizer.get_vocab_size():,} ({time.time() - t0:.1f}s)")
-    return save_stage(out, "tokenizer", fingerprint, [TOKENIZER], seconds=time.time() - t0)
+    ctx.store.write_atomic(TOKENIZER, tokenizer.to_str(pretty=True))  # the bytes Tokenizer.save writes
+    ctx.log(f"tokenizer: {'loaded' if tok_cfg.path else 'trained'} {tok_cfg.type}, vocabulary "
+            f"{tokenizer.get_vocab_size():,} ({time.time() - t0:.1f}s)")
+    return save_stage(ctx.data.root, "tokenizer", ctx.fingerprints["tokenizer"], [TOKENIZER], seconds=time.time() - t0)
 
 
-def _sample_texts(corpus: _Corpus, removed: np.ndarray, per_source_chars: int = 1 << 17) -> list[str]:
+# ---- shards -----------------------------------------------------------------------------------------
+
+def _sample_texts(corpus: Corpus, removed: np.ndarray, per_source_chars: int = 1 << 17) -> list[str]:
     """The first kept documents of each source (about ``per_source_chars`` of text each), read on the
     driver, to check the fast encoder on."""
     sample, removed_set = [], set(removed.tolist())
@@ -207,84 +192,106 @@ class _Counts:
     def __init__(self, n: int):
         self.records, self.quarantined, self.duplicates = (np.zeros(n, np.int64) for _ in range(3))
         self.by_reason: Counter = Counter()
+        self.kept = 0  # over all sources: every k-th one goes to validation
 
 
-def _shards(corpus: _Corpus, ex, out: Path, removed: np.ndarray, removed_ref, filtered_ref, log,
-            allow_empty: bool = False) -> tuple[dict, _Counts, dict]:
+@dataclass
+class _Shards:
+    """What the shards pass leaves for the manifest."""
+
+    writers: dict[tuple[str, int], RollingShardWriter]
+    counts: _Counts
+    progress: Progress
+    encoder: str
+    encoder_note: str
+    vocab_size: int
+    specials: dict[str, int]
+    dtype: np.dtype
+    seconds: float = 0.0  # of the pass, from the first batch asked for to the last shard closed
+
+
+def _shards(ctx: StageContext) -> _Shards:
     """read → clean → drop → encode in workers; the driver writes quarantine.jsonl and appends each
     kept document to its source's shard of its split (every k-th kept document → validation)."""
-    cfg, names = corpus.cfg, corpus.names
-    tokenizer = load_tokenizer(out / TOKENIZER)
+    cfg, store, names = ctx.cfg, ctx.store, ctx.corpus.names
+    tokenizer = Tokenizer.from_str(store.read_text(TOKENIZER))
     specials = special_ids(tokenizer, cfg.tokenizer)
     dtype = token_dtype(tokenizer.get_vocab_size())
-    kind, why = choose_encoder(tokenizer.to_str(), _sample_texts(corpus, removed), cfg.tokenizer.fast_encoder)
-    log(f"shards: encoding with {kind} ({why})")
-    encoded = ex.map(corpus, workers.encode_batch, clean=cfg.clean.model_dump(), removed_ref=removed_ref,
-                     filtered_ref=filtered_ref, tokenizer_ref=ex.tokenizer_arg(tokenizer.to_str(), kind), kind=kind,
-                     eod_id=specials["eod"], dtype=dtype.str)
+    kind, why = choose_encoder(tokenizer.to_str(), _sample_texts(ctx.corpus, ctx.removed), cfg.tokenizer.fast_encoder)
+    ctx.log(f"shards: encoding with {kind} ({why})")
+    encoded = ctx.executor.map(
+        ctx.corpus, workers.encode_batch, clean=cfg.clean.model_dump(), removed_ref=ctx.removed_ref,
+        filtered_ref=ctx.filtered_ref, tokenizer_ref=ctx.executor.tokenizer_arg(tokenizer.to_str(), kind), kind=kind,
+        eod_id=specials["eod"], dtype=dtype.str)
     for split in SPLITS:  # shards of an earlier, different run
-        shutil.rmtree(out / split, ignore_errors=True)
-    every = max(2, round(1 / cfg.validation_fraction))
-    writers = {(split, i): RollingShardWriter(out, split, names[i], dtype, cfg.shard_max_tokens)
+        store.delete_tree(split)
+    # shards are memory-mapped by training, so they are local files written in place
+    writers = {(split, i): RollingShardWriter(store.local_path(), split, names[i], dtype, cfg.shard_max_tokens)
                for split in SPLITS for i in range(len(names))}
-    counts, n = _Counts(len(names)), 0
-    progress = Progress("shards", log)
+    out = _Shards(writers, _Counts(len(names)), Progress("shards", ctx.log), kind, why, tokenizer.get_vocab_size(),
+                  specials, dtype)
+    every = max(2, round(1 / cfg.validation_fraction))
     try:
-        with open(out / (QUARANTINE + ".tmp"), "w", encoding="utf-8") as q:
-            for b in encoded:
-                source = split_doc_ids(b["doc_id"])[0]
-                counts.records += np.bincount(source, minlength=len(names))
-                counts.duplicates += np.bincount(source[b["duplicate"]], minlength=len(names))
-                tokens = 0
-                for i in range(len(source)):
-                    if b["reason"][i]:
-                        _quarantine(q, corpus, counts, int(b["doc_id"][i]), str(b["reason"][i]), str(b["raw"][i]))
-                    elif not b["duplicate"][i]:  # kept: every k-th one goes to validation
-                        writers[SPLITS[n % every == every - 1], int(source[i])].add_document(b["ids"][i])
-                        n += 1
-                        tokens += len(b["ids"][i])
-                progress.update(len(source), tokens)
-        os.replace(out / (QUARANTINE + ".tmp"), out / QUARANTINE)
+        with store.open_atomic(QUARANTINE) as q:
+            for batch in encoded:
+                _sort_batch(ctx.corpus, batch, out, q, every)
     finally:
         for w in writers.values():
             w.close()
-    if n == 0 and not allow_empty:
-        raise PrepareError(f"prepare: no usable documents: all {int(counts.records.sum()):,} records were quarantined "
-                           f"or duplicates; see {out / QUARANTINE} and {out / DUPLICATES}")
-    for split in SPLITS:
-        if sum(writers[split, i].num_tokens for i in range(len(names))) < 2 and not allow_empty:
-            raise PrepareError(f"prepare: the {split} split is empty ({n} documents kept); add documents or "
-                               f"raise data.validation_fraction; see {out / QUARANTINE}")
-    info = {"seconds": progress.seconds, "tokens": progress.tokens, "encoder": kind, "encoder_note": why,
-            "vocab_size": tokenizer.get_vocab_size(), "specials": specials, "dtype": dtype.name}
-    return writers, counts, info
+    out.seconds = out.progress.seconds
+    if not ctx.scope.allow_empty_splits:
+        _check_not_empty(store, out)
+    return out
 
 
-def _quarantine(q, corpus: _Corpus, counts: _Counts, doc_id: int, reason: str, raw: str) -> None:
+def _sort_batch(corpus: Corpus, b: dict, out: _Shards, q, every: int) -> None:
+    """Each record of an encoded batch to quarantine, to the dropped duplicates, or into its source's
+    shard of its split."""
+    counts, n = out.counts, len(corpus.names)
+    source = split_doc_ids(b["doc_id"])[0]
+    counts.records += np.bincount(source, minlength=n)
+    counts.duplicates += np.bincount(source[b["duplicate"]], minlength=n)
+    tokens = 0
+    for i in range(len(source)):
+        if b["reason"][i]:
+            _quarantine(q, corpus, counts, int(b["doc_id"][i]), str(b["reason"][i]), str(b["raw"][i]))
+        elif not b["duplicate"][i]:  # kept: every k-th one goes to validation
+            out.writers[SPLITS[counts.kept % every == every - 1], int(source[i])].add_document(b["ids"][i])
+            counts.kept += 1
+            tokens += len(b["ids"][i])
+    out.progress.update(len(source), tokens)
+
+
+def _quarantine(q, corpus: Corpus, counts: _Counts, doc_id: int, reason: str, raw: str) -> None:
     counts.by_reason[reason.split(": ", 1)[0]] += 1
     counts.quarantined[split_doc_id(doc_id)[0]] += 1
-    q.write(json.dumps({"source": corpus.source_path(doc_id), **corpus.where(doc_id), "reason": reason,
-                        "excerpt": raw}, ensure_ascii=False) + "\n")
+    q.write(_line({"source": corpus.source_path(doc_id), **corpus.where(doc_id), "reason": reason, "excerpt": raw}))
 
 
-def _is_current(out: Path, fingerprint: str) -> bool:
-    try:
-        return verify_manifest(out).get("fingerprint") == fingerprint
-    except ManifestError:
-        return False
+def _check_not_empty(store: LocalStorage, out: _Shards) -> None:
+    counts = out.counts
+    if counts.kept == 0:
+        raise PrepareError(f"prepare: no usable documents: all {int(counts.records.sum()):,} records were quarantined "
+                           f"or duplicates; see {store.path(QUARANTINE)} and {store.path(DUPLICATES)}")
+    for split in SPLITS:
+        if sum(w.num_tokens for (s, _), w in out.writers.items() if s == split) < 2:
+            raise PrepareError(f"prepare: the {split} split is empty ({counts.kept} documents kept); add documents "
+                               f"or raise data.validation_fraction; see {store.path(QUARANTINE)}")
 
 
-def _stage(out: Path, name: str, fingerprint: str, force: bool, run, log, files: tuple[str, ...] = ()) -> dict:
-    """The stage's completion record: reused when its fingerprint matches and it has ``files``, else run it."""
-    record = None if force else load_stage(out, name, fingerprint)
-    if record and all(f in record.get("files", {}) for f in files):
-        log(f"{name}: reused (its inputs and config are unchanged)")
-        return {**record, "seconds": "reused"}
-    return run()
+# ---- the run ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Started:
+    """The executor a run uses, why, and the seconds it took to start."""
+
+    executor: Executor
+    why: str
+    seconds: float
 
 
-def _executor(cfg: DataConfig, corpus: _Corpus, ray_address: str | None, log):
-    """The executor this run uses (see executors.choose_executor), started, and its start seconds."""
+def _executor(cfg: DataConfig, corpus: Corpus, ray_address: str | None, log) -> _Started:
+    """The executor this run uses (see executors.choose_executor), started."""
     name, why = choose_executor(cfg.executor, ray_address=ray_address, env_address=os.environ.get("RAY_ADDRESS"),
                                 input_bytes=corpus.input_bytes, local_max_bytes=cfg.local_max_bytes,
                                 ray_running=ray_running())
@@ -292,116 +299,111 @@ def _executor(cfg: DataConfig, corpus: _Corpus, ray_address: str | None, log):
     if name == "ray":
         os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")  # Ray Data's INFO lines would drown ours
         init_ray(cfg.num_cpus, ray_address)
-        ex = RayExecutor(cfg)
+        ex: Executor = RayExecutor(cfg)
     else:
         ex = LocalExecutor(cfg)
     seconds = time.time() - t0
     log(f"prepare: {name} executor, {ex.describe()} ({why})")
-    return ex, why, seconds
+    return _Started(ex, why, seconds)
+
+
+def _current(data: DatasetDir, fingerprint: str) -> Manifest | None:
+    """The dataset's verified manifest when it was prepared with this fingerprint."""
+    try:
+        manifest = verify_manifest(data.root)
+    except ManifestError:
+        return None
+    return manifest if manifest.fingerprint == fingerprint else None
 
 
 def prepare(cfg: DataConfig, ray_address: str | None = None, log=print, force: bool = False, *,
-            only_files: set[str] | None = None, prior_files: set[str] | None = None,
-            allow_empty_splits: bool = False) -> dict:
+            scope: Scope | None = None) -> Manifest:
     """Run the data stages; returns the manifest written to ``output_dir/manifest.json``.
 
-    ``only_files``, ``prior_files`` (file labels) and ``allow_empty_splits`` serve `prepare
-    --append` (append.py): it prepares just the new files of a dataset, however few, in a staging
-    directory, deduplicating them against the files already in it."""
+    ``scope``: which input files to prepare (default: all; `prepare --append` passes its own)."""
     t0 = time.time()
-    corpus = _Corpus(cfg, only_files)
-    dedup_corpus = _Corpus(cfg, only_files | prior_files) if only_files is not None and prior_files else corpus
-    out = Path(cfg.output_dir)
+    scope = scope or Scope()
+    corpus = scope.corpus(cfg)
+    data = DatasetDir(cfg.output_dir)
     hashes = input_hashes(corpus.files)
     fps = fingerprints(cfg, corpus.files, hashes)
-    if not force and _is_current(out, fps["shards"]):
-        log(f"prepare: {out} is up to date (same inputs and config); nothing to do")
-        return json.loads((out / MANIFEST).read_text())
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST).unlink(missing_ok=True)  # invalid until this run finishes
-    ex, why, start_seconds = _executor(cfg, corpus, ray_address, log)
-
-    n = len(corpus.names)
-    if cfg.dedup.exact or cfg.dedup.near:
-        dedup = _stage(out, "dedup", fps["dedup"], force, lambda: _dedup(dedup_corpus, ex, out, fps["dedup"], log, prior_files), log,
-                       files=(DUPLICATES, FILTERED))
-        filtered = np.load(out / FILTERED)
-    else:
-        (out / DUPLICATES).write_text("")
-        dedup = {"seconds": "off", "exact": [0] * n, "near": [0] * n}
-        filtered = None  # no dedup pass: the later passes run the filters themselves
-    removed = _removed_ids(out)
-    removed_ref = ex.share(removed)
-    filtered_ref = ex.share(filtered) if filtered is not None else None
-    tok = _stage(out, "tokenizer", fps["tokenizer"], force,
-                 lambda: _tokenizer(corpus, ex, out, fps["tokenizer"], removed_ref, filtered_ref, log), log)
-    writers, counts, info = _shards(corpus, ex, out, removed, removed_ref, filtered_ref, log, allow_empty_splits)
-    info.update(executor=ex.name, executor_note=why, start_seconds=start_seconds,
-                inputs=[{"source": corpus.names[f.source], "file": f.label, "sha256": hashes[f.path]}
-                        for f in corpus.files])
-    manifest = _manifest(corpus, fps, dedup, tok, writers, counts, info, time.time() - t0)
-    files = [TOKENIZER, QUARANTINE, DUPLICATES] + [f for w in writers.values() for f in w.files()]
-    write_manifest(out, manifest, files)
+    current = None if force else _current(data, fps["shards"])
+    if current is not None:
+        log(f"prepare: {data.root} is up to date (same inputs and config); nothing to do")
+        return current
+    data.storage.makedirs()
+    data.storage.delete(DatasetDir.MANIFEST)  # invalid until this run finishes
+    started = _executor(cfg, corpus, ray_address, log)
+    ctx = StageContext(corpus, started.executor, data, fps, log, scope, force)
+    dedup = _dedup_stage(ctx)
+    tok = ctx.run("tokenizer", _tokenizer)
+    shards = _shards(ctx)
+    inputs = [InputFile(source=corpus.names[f.source], file=f.label, sha256=hashes[f.path]) for f in corpus.files]
+    manifest = _manifest(ctx, dedup, tok, shards, started, inputs, time.time() - t0)
+    files = [TOKENIZER, QUARANTINE, DUPLICATES] + [f for w in shards.writers.values() for f in w.files()]
+    manifest = write_manifest(data.root, manifest, files)
     log("prepare: done\n" + summary_table(manifest))
     return manifest
 
 
-def _manifest(corpus: _Corpus, fps: dict, dedup: dict, tok: dict, writers: dict, counts: _Counts, info: dict,
-              seconds: float) -> dict:
-    cfg, names = corpus.cfg, corpus.names
-    sources = []
-    for i, s in enumerate(cfg.sources):
+# ---- the manifest -----------------------------------------------------------------------------------
+
+def _source_infos(corpus: Corpus, dedup: DedupRecord, shards: _Shards) -> list[SourceInfo]:
+    """What each source became; refuses counts that do not add up (documents are never lost silently)."""
+    counts, writers, out = shards.counts, shards.writers, []
+    for i, s in enumerate(corpus.cfg.sources):
         kept = sum(writers[split, i].documents for split in SPLITS)
-        found = dedup["exact"][i] + dedup["near"][i]
-        if int(counts.duplicates[i]) != found or counts.records[i] != kept + counts.quarantined[i] + found:
+        found = dedup.exact[i] + dedup.near[i]
+        records, quarantined = int(counts.records[i]), int(counts.quarantined[i])
+        if int(counts.duplicates[i]) != found or records != kept + quarantined + found:
             raise RuntimeError(
-                f"prepare: documents of source {names[i]!r} do not add up: {counts.records[i]} in, {kept} kept, "
-                f"{counts.quarantined[i]} quarantined, {counts.duplicates[i]} duplicates dropped of {found} found")
-        sources.append({
-            "name": names[i], "path": s.path, "format": sorted({f.format for f in corpus.files if f.source == i}),
-            "files": sum(1 for f in corpus.files if f.source == i), "text_field": s.text_field,
-            "records": int(counts.records[i]), "kept": kept, "quarantined": int(counts.quarantined[i]),
-            "duplicates": found, "duplicates_exact": dedup["exact"][i], "duplicates_near": dedup["near"][i],
-            "tokens": {split: writers[split, i].num_tokens for split in SPLITS},
-        })
+                f"prepare: documents of source {corpus.names[i]!r} do not add up: {records} in, {kept} kept, "
+                f"{quarantined} quarantined, {counts.duplicates[i]} duplicates dropped of {found} found")
+        out.append(SourceInfo(
+            name=corpus.names[i], path=s.path, format=sorted({f.format for f in corpus.files if f.source == i}),
+            files=sum(1 for f in corpus.files if f.source == i), text_field=s.text_field, records=records,
+            kept=kept, quarantined=quarantined, duplicates=found, duplicates_exact=dedup.exact[i],
+            duplicates_near=dedup.near[i], tokens={split: writers[split, i].num_tokens for split in SPLITS}))
+    return out
 
-    def split_info(split: str) -> dict:
-        ws = [writers[split, i] for i in range(len(names))]
-        return {"documents": sum(w.documents for w in ws), "tokens": sum(w.num_tokens for w in ws),
-                "sources": {names[i]: {"documents": w.documents, "tokens": w.num_tokens, "shards": w.shards}
-                            for i, w in enumerate(ws)}}
 
-    total = {k: sum(s[k] for s in sources) for k in ("records", "kept", "quarantined", "duplicates")}
-    ray_start = {"ray_start": round(info["start_seconds"], 3)} if info["executor"] == "ray" else {}
-    return {
-        "format": "megatron-mmidx",
-        "code_version": pipeline.__version__,
-        "fingerprint": fps["shards"],
-        "stage_fingerprints": fps,
-        "created_unix": int(time.time()),
-        "executor": {"name": info["executor"], "why": info["executor_note"]},
-        "dtype": info["dtype"],
-        "tokenizer": {"file": TOKENIZER, "type": cfg.tokenizer.type, "vocab_size": info["vocab_size"],
-                      "eod_token": cfg.tokenizer.eod, "special_ids": info["specials"], "encoder": info["encoder"],
-                      "encoder_note": info["encoder_note"]},
-        "splits": {split: split_info(split) for split in SPLITS},
-        "sources": sources,
-        "inputs": info["inputs"],  # what `prepare --append` compares new listings against
-        "accounting": {"documents_in": total["records"], "kept": total["kept"],
-                       "quarantined": total["quarantined"], "deduplicated": total["duplicates"]},
-        "quarantine": {"file": QUARANTINE, "records": total["quarantined"],
-                       "by_reason": dict(sorted(counts.by_reason.items()))},
-        "dedup": {"file": DUPLICATES, "exact": sum(dedup["exact"]), "near": sum(dedup["near"]),
-                  "config": cfg.dedup.model_dump()},
-        "throughput": {
+def _split_info(names: list[str], writers: dict, split: str) -> SplitInfo:
+    ws = [writers[split, i] for i in range(len(names))]
+    return SplitInfo(documents=sum(w.documents for w in ws), tokens=sum(w.num_tokens for w in ws),
+                     sources={names[i]: ShardSet(documents=w.documents, tokens=w.num_tokens, shards=list(w.shards))
+                              for i, w in enumerate(ws)})
+
+
+def _manifest(ctx: StageContext, dedup: DedupRecord, tok: StageRecord, shards: _Shards, started: _Started,
+              inputs: list[InputFile], seconds: float) -> Manifest:
+    """The manifest of a prepared dataset, without ``files`` (write_manifest hashes them)."""
+    cfg, names, counts = ctx.cfg, ctx.corpus.names, shards.counts
+    sources = _source_infos(ctx.corpus, dedup, shards)
+    ray_start = {"ray_start": round(started.seconds, 3)} if started.executor.name == "ray" else {}
+    quarantined = sum(s.quarantined for s in sources)
+    return Manifest(
+        code_version=pipeline.__version__, fingerprint=ctx.fingerprints["shards"], stage_fingerprints=ctx.fingerprints,
+        created_unix=int(time.time()), executor={"name": started.executor.name, "why": started.why},
+        dtype=shards.dtype.name,
+        tokenizer=TokenizerInfo(file=TOKENIZER, type=cfg.tokenizer.type, vocab_size=shards.vocab_size,
+                                eod_token=cfg.tokenizer.eod, special_ids=shards.specials, encoder=shards.encoder,
+                                encoder_note=shards.encoder_note),
+        splits={split: _split_info(names, shards.writers, split) for split in SPLITS},
+        sources=sources,
+        inputs=inputs,  # what `prepare --append` compares new listings against
+        accounting=Accounting(documents_in=sum(s.records for s in sources), kept=sum(s.kept for s in sources),
+                              quarantined=quarantined, deduplicated=sum(s.duplicates for s in sources)),
+        quarantine=QuarantineInfo(file=QUARANTINE, records=quarantined,
+                                  by_reason=dict(sorted(counts.by_reason.items()))),
+        dedup=DedupInfo(file=DUPLICATES, exact=sum(dedup.exact), near=sum(dedup.near), config=cfg.dedup.model_dump()),
+        throughput={
             "seconds": round(seconds, 3),
-            "stage_seconds": {**ray_start, "dedup": _secs(dedup), "tokenizer": _secs(tok), "shards": _secs(info)},
-            "tokens_per_s": round(info["tokens"] / max(info["seconds"], 1e-9)),
+            "stage_seconds": {**ray_start, "dedup": _secs(dedup), "tokenizer": _secs(tok), "shards": _secs(shards)},
+            "tokens_per_s": round(shards.progress.tokens / max(shards.seconds, 1e-9)),
         },
-        "config": cfg.model_dump(mode="json"),
-    }
+        config=cfg.model_dump(mode="json"), files={})
 
 
-def _secs(stage: dict):
-    v = stage["seconds"]
+def _secs(stage: StageRecord | _Shards):
+    v = stage.seconds
     return round(v, 3) if isinstance(v, float) else v

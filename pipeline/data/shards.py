@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import UserError
+from pipeline.rundir import DatasetDir
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -81,7 +82,9 @@ class ShardWriter:
 class RollingShardWriter:
     """Documents of one source and split, cut into shards of about ``max_tokens`` tokens each.
 
-    Shards are named ``<split>/<source>-00000``, ``-00001``, …; a document never spans two shards.
+    Shards are named ``<split>/<source>-00000``, ``-00001``, … (`DatasetDir.shard_prefix`); a document
+    never spans two shards. They are written in place under ``root`` (a local directory: the
+    dataset's manifest, written last, is what makes them part of a dataset).
     """
 
     def __init__(self, root: Path, split: str, source: str, dtype: np.dtype, max_tokens: int):
@@ -101,8 +104,8 @@ class RollingShardWriter:
     def _roll(self) -> None:
         if self._current is not None:
             self._current.close()
-        rel = f"{self.split}/{self.source}-{len(self.shards):05d}"
-        (self.root / self.split).mkdir(parents=True, exist_ok=True)
+        rel = DatasetDir.shard_prefix(self.split, self.source, len(self.shards))
+        (self.root / rel).parent.mkdir(parents=True, exist_ok=True)
         self._current = ShardWriter(self.root / rel, self.dtype)
         self.shards.append(rel)
 

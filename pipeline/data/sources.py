@@ -4,7 +4,8 @@ Each reader yields every record with its position, good or bad: bad records carr
 to quarantine, so nothing is dropped without a trace. A record's position is a line (jsonl), a row
 (parquet, hf; 0-based like pyarrow and `datasets`), a paragraph (text split on blank lines; 1-based)
 or the whole file (position 0). `doc_id` packs (source, file, position) into one int64 whose order is
-the corpus order, so "the first occurrence" is simply the smallest id.
+the corpus order, so "the first occurrence" is simply the smallest id. A `Corpus` is the files of
+every source of a config, with the names of its records' places (for quarantine and duplicates).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import ConfigError, SourceConfig
+from pipeline.config import ConfigError, DataConfig, SourceConfig
 
 FORMATS = ("jsonl", "parquet", "text", "hf")
 _JSONL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
@@ -127,6 +128,56 @@ def list_source_files(src: SourceConfig, source: int) -> list[SourceFile]:
     if len(files) > MAX_FILES:
         raise ConfigError(f"{field}.path: {len(files)} files; at most {MAX_FILES} per source (split the source)")
     return files
+
+
+def input_bytes(files: list[SourceFile]) -> int:
+    """Bytes on disk of every input file (each path once; a saved HF dataset: every file in it)."""
+    total = 0
+    for path in sorted({Path(f.path) for f in files}):
+        if path.is_dir():
+            total += sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        else:
+            total += path.stat().st_size
+    return total
+
+
+class Corpus:
+    """The files of every source of a config and how to read and name their records."""
+
+    def __init__(self, cfg: DataConfig, only: set[str] | None = None):
+        if not cfg.sources:
+            raise ConfigError("data.sources: no sources configured; add at least one path")
+        self.cfg = cfg
+        # ``only``: the labels of the files to read (`prepare --append` reads the new ones); the
+        # others keep their index, so doc ids and quarantine positions name the same places
+        self.files = [f for i, s in enumerate(cfg.sources) for f in list_source_files(s, i)
+                      if only is None or f.label in only]
+        self.by_id = {(f.source, f.index): f for f in self.files}
+        self.names = [s.resolved_name for s in cfg.sources]
+        self.input_bytes = input_bytes(self.files)
+
+    def items(self) -> list[dict]:
+        """One row per file, as Ray's read tasks take them."""
+        return [{"source": f.source, "file": f.index, "path": str(Path(f.path).resolve()), "format": f.format,
+                 "part": f.part or "", "text_field": self.cfg.sources[f.source].text_field,
+                 "text_unit": self.cfg.sources[f.source].text_unit} for f in self.files]
+
+    def file_of(self, doc_id: int) -> SourceFile:
+        source, file, _ = split_doc_id(doc_id)
+        return self.by_id[source, file]
+
+    def where(self, doc_id: int) -> dict:
+        """A record's place for the quarantine and duplicates files: its file and position in it."""
+        source, _, pos = split_doc_id(doc_id)
+        sf = self.file_of(doc_id)
+        unit = position_unit(sf.format, self.cfg.sources[source].text_unit)
+        return {"file": sf.label, unit: pos} if unit != "file" else {"file": sf.label}
+
+    def source_name(self, doc_id: int) -> str:
+        return self.names[split_doc_id(doc_id)[0]]
+
+    def source_path(self, doc_id: int) -> str:
+        return self.cfg.sources[split_doc_id(doc_id)[0]].path
 
 
 def read_file(sf: SourceFile, text_field: str = "text", text_unit: str = "file") -> Iterator[Record]:

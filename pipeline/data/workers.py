@@ -20,13 +20,13 @@ from collections.abc import Iterator
 import numpy as np
 
 from pipeline.config import CleanConfig, DedupConfig
-from pipeline.data.clean import FILTERS, clean_text, normalize
+from pipeline.data.clean import REGISTRY, clean_text, normalize
 from pipeline.data.dedup import MinHasher, exact_key, shingle_hashes
 from pipeline.data.fast_tokenizer import Encoder, ids_array
 from pipeline.data.sources import Record, SourceFile, doc_ids, read_file
 
 _MAX_ROWS = 4096
-_FILTER_REASONS = tuple(f"filter:{name}" for name in FILTERS)
+_FILTER_REASONS = tuple(f.reason for f in REGISTRY.values())  # in clean.FILTERS order
 
 
 def _columns(records: list[Record], sf: SourceFile) -> dict:

@@ -3,6 +3,7 @@
 evaluate.py (loss/perplexity per split and source, MLM accuracy, one checkpoint → eval.json)
 tasks.py (zero-shot cloze and multiple-choice tasks from local jsonl) · harness.py (lm-eval-harness)
 watch.py (evaluate each new checkpoint exactly once) · report.py (HTML + PNG) · status.py
+records.py (EvalRecord, the one type of eval.json / eval/step_N.json; the eval-job lock)
 """
 
 

@@ -34,14 +34,20 @@ from safetensors.torch import load_file
 import pipeline
 from pipeline.config import ModelConfig, PipelineConfig
 from pipeline.data.loader import open_split
-from pipeline.data.manifest import manifest_sha256, same_or_grown, verify_manifest
+from pipeline.data.manifest import Manifest, manifest_sha256, verify_manifest
 from pipeline.eval import EvalError
-from pipeline.eval.records import EVAL_DIR, checkpoint_config, eval_lock, load_records, run_config, write_record
+from pipeline.eval.records import (EvalRecord, checkpoint_config, eval_lock, load_records, run_config,
+                                   write_record)
 from pipeline.models import build_model, load_state_dict_tied
+from pipeline.rundir import DatasetDir, RunDir
+from pipeline.storage import open_storage
 from pipeline.tracking import Tracker
 from pipeline.train import checkpoint as ckpt
+from pipeline.train.compat import dataset_problem
+from pipeline.train.records import TrainerState
 
 TABLE_KEY = "eval/checkpoints"
+WANDB_JOB_TYPE = "eval"  # the W&B run of the eval jobs: job_type and name suffix
 
 
 @dataclass(frozen=True)
@@ -64,7 +70,7 @@ def check_options(options: EvalOptions) -> None:
 
 
 def find_checkpoint(run_dir: str | Path, step: int | None = None) -> ckpt.Committed:
-    root = Path(run_dir) / "checkpoints"
+    root = RunDir(run_dir).checkpoints
     found = ckpt.committed_checkpoints(root)
     if step is not None:
         found = [c for c in found if c.step == step]
@@ -77,9 +83,11 @@ def find_checkpoint(run_dir: str | Path, step: int | None = None) -> ckpt.Commit
     return found[-1]
 
 
-def load_model(path: Path, model_cfg: dict, device: str) -> torch.nn.Module:
-    model = build_model(ModelConfig.model_validate(model_cfg))
-    load_state_dict_tied(model, load_file(str(path / "model.safetensors")))
+def load_model(path: Path, model_cfg: ModelConfig, device: str) -> torch.nn.Module:
+    """The checkpoint's ``model.safetensors`` (listed in COMMIT, so verified) in a plain model; read
+    from its local path, memory-mapped, as a store without local files would stage it first."""
+    model = build_model(model_cfg)
+    load_state_dict_tied(model, load_file(str(open_storage(path).local_path("model.safetensors"))))
     return model.to(device).eval()
 
 
@@ -111,7 +119,7 @@ def token_metrics(model, data, ids: list[int], micro: int, device: str) -> dict:
             "acc_top5": top5 / tokens, "samples": len(ids), "tokens": tokens}
 
 
-def split_metrics(model, cfg: PipelineConfig, data_dir: Path, manifest: dict, split: str, device: str) -> dict:
+def split_metrics(model, cfg: PipelineConfig, data_dir: Path, manifest: Manifest, split: str, device: str) -> dict:
     """Metrics of each source of a split, and of the split (token-weighted over its sources)."""
     sources = open_split(data_dir, manifest, split, cfg.train.seq_len, arch=cfg.model.arch, seed=cfg.train.seed)
     per = {name: token_metrics(model, data, spread(len(data), cfg.eval.max_samples), cfg.eval.micro_batch_size, device)
@@ -142,26 +150,39 @@ def flat_metrics(result: dict) -> dict[str, float]:
     return out
 
 
-def score_checkpoint(checkpoint_path: str | Path, options: EvalOptions) -> dict:
-    """Every metric of one committed checkpoint (verified first). Writes nothing."""
-    path = Path(checkpoint_path)
+def _verified_inputs(path: Path) -> tuple[ckpt.Committed, TrainerState, PipelineConfig, Manifest]:
+    """The checkpoint (hashes checked), its state and config, and its dataset's manifest (hashes
+    checked), refused when the dataset is neither the one it was trained on nor grown from it."""
     ckpt.verify_checkpoint(path)
     checkpoint = ckpt.Committed(path, ckpt.committed_step(path))
-    cfg, state = checkpoint_config(path), checkpoint.trainer_state()
+    state, cfg = checkpoint.state(), checkpoint_config(path)
+    if not state.model:
+        raise EvalError(f"{path}: its trainer_state.json records no `model` (written by a version before "
+                        f"models were recorded); it cannot be evaluated")
     data_dir = Path(cfg.data.output_dir)
     manifest = verify_manifest(data_dir)
-    if not same_or_grown(manifest, manifest_sha256(data_dir), state["data_manifest_sha256"]):
-        raise EvalError(f"{data_dir}: the dataset changed since {path} was trained on it (and did not "
-                        f"grow from it with `pretrain prepare --append`)")
-    arch = state["model"]["arch"]
+    problem = dataset_problem(state, manifest, manifest_sha256(data_dir))
+    if problem:
+        raise EvalError(f"{path}: {problem}; the dataset at {data_dir} changed since and did not grow from "
+                        f"it with `pretrain prepare --append`")
+    return checkpoint, state, cfg, manifest
+
+
+def score_checkpoint(checkpoint_path: str | Path, options: EvalOptions) -> EvalRecord:
+    """Every metric of one committed checkpoint (verified first). Writes nothing."""
+    path = Path(checkpoint_path)
+    checkpoint, state, cfg, manifest = _verified_inputs(path)
+    data_dir = Path(cfg.data.output_dir)
+    model_cfg = ModelConfig.model_validate(state.model)
+    arch = model_cfg.arch
     if arch != "gpt" and (options.tasks or options.lm_eval_tasks):
         raise EvalError(f"--tasks/--lm-eval score a causal LM; {path} is a {arch} checkpoint (masked LM)")
     device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.time()
-    model = load_model(path, state["model"], device)
+    model = load_model(path, model_cfg, device)
     splits = {s: split_metrics(model, cfg, data_dir, manifest, s, device)
-              for s in options.splits if s in manifest["splits"]}
-    tasks = _run_tasks(options.tasks, model, data_dir, manifest, state["model"]["max_seq_len"],
+              for s in options.splits if s in manifest.splits}
+    tasks = _run_tasks(options.tasks, model, data_dir, manifest, model_cfg.max_seq_len,
                        cfg.eval.micro_batch_size, device)
     lm_eval = {}
     if options.lm_eval_tasks:
@@ -171,32 +192,31 @@ def score_checkpoint(checkpoint_path: str | Path, options: EvalOptions) -> dict:
     headline = splits.get("validation") or next(iter(splits.values()))
     result = {
         "step": checkpoint.step, "checkpoint": str(path), "arch": arch,
-        "consumed_samples": state["consumed_samples"],
-        "tokens_trained": state["consumed_samples"] * cfg.train.seq_len,
+        "consumed_samples": state.consumed_samples,
+        "tokens_trained": state.consumed_samples * cfg.train.seq_len,
         "loss": headline["loss"], "perplexity": headline["perplexity"],
         "splits": splits, "tasks": tasks, "lm_eval": lm_eval,
         "time": round(time.time(), 3), "seconds": round(time.time() - t0, 2), "device": device,
         "host": socket.gethostname(), "pid": os.getpid(), "code_version": pipeline.__version__,
     }
     result["metrics"] = flat_metrics(result)
-    return result
+    return EvalRecord.from_dict(result, f"(the eval record of {path})")
 
 
-def _run_tasks(files, model, data_dir: Path, manifest: dict, max_len: int, micro: int, device: str) -> dict:
+def _run_tasks(files, model, data_dir: Path, manifest: Manifest, max_len: int, micro: int, device: str) -> dict:
     if not files:
         return {}
     from pipeline.data.tokenizer import load_tokenizer
     from pipeline.eval.tasks import load_task, run_task
 
-    tokenizer = load_tokenizer(data_dir / manifest["tokenizer"].get("file", "tokenizer.json"))
-    tok = manifest["tokenizer"]
-    eod = tok.get("special_ids", {}).get("eod", tok.get("eod_id"))
+    tokenizer = load_tokenizer(DatasetDir(data_dir).path(manifest.tokenizer.file))
+    eod = manifest.tokenizer.eod_id
     return {t.name: run_task(t, model, tokenizer, eod, max_len, micro, device) for t in map(load_task, files)}
 
 
 @contextlib.contextmanager
 def scorer(options: EvalOptions, use_ray: bool = False, ray_address: str | None = None,
-           ray_gpus: float = 0.0) -> Iterator[Callable[[Path], dict]]:
+           ray_gpus: float = 0.0) -> Iterator[Callable[[Path], EvalRecord]]:
     """``score(checkpoint_path) -> result``: in this process, or as a Ray task (embedded Ray, or the
     cluster at ``ray_address`` / RAY_ADDRESS; the run directory must be on storage the worker sees)."""
     if not use_ray:
@@ -229,22 +249,20 @@ class EvalSession:
     def _tracker(self, cfg: PipelineConfig) -> Tracker:
         if self.tracker is None:
             cfg = cfg.model_copy(update={"run_dir": str(self.run_dir)})  # the run may have moved
-            self.tracker = Tracker(cfg, self.run_dir / "eval_metrics.jsonl", "eval", step_metric="train/step")
+            self.tracker = Tracker(cfg, RunDir(self.run_dir).eval_metrics, WANDB_JOB_TYPE,
+                                   step_metric="train/step")
         return self.tracker
 
-    def record(self, result: dict) -> dict:
+    def record(self, result: EvalRecord) -> EvalRecord:
         """Write eval.json (+ the run-level copy), then log the metrics and the checkpoint table."""
         # the run's config, not the checkpoint's: retention may delete the checkpoint any moment now
-        tracker = self._tracker(run_config(self.run_dir) or checkpoint_config(Path(result["checkpoint"])))
-        result = {**result, "wandb_run_id": tracker.run_id, "wandb_dir": tracker.run_dir}
+        tracker = self._tracker(run_config(self.run_dir) or checkpoint_config(Path(result.checkpoint)))
+        result = result.model_copy(update={"wandb_run_id": tracker.run_id, "wandb_dir": tracker.run_dir})
         written = write_record(self.run_dir, result)
         columns, rows = checkpoint_table(load_records(self.run_dir))
-        tracker.log(result["metrics"], step=result["step"], tables={TABLE_KEY: (columns, rows)})
-        val = result["splits"].get("validation", {})
-        extras = "".join(f", {name} acc {m['acc']:.3f}" for name, m in result["tasks"].items())
-        where = written or f"{self.run_dir / EVAL_DIR} (retention deleted the checkpoint meanwhile)"
-        self.log(f"eval: step {result['step']}: validation loss {val.get('loss', float('nan')):.4f}, "
-                 f"perplexity {val.get('perplexity', float('nan')):.2f}{extras} in {result['seconds']}s → {where}")
+        tracker.log(result.metrics, step=result.step, tables={TABLE_KEY: (columns, rows)})
+        self.log(_summary(result, written or f"{RunDir(self.run_dir).eval_dir} (retention deleted the "
+                                             f"checkpoint meanwhile)"))
         return result
 
     def close(self) -> None:
@@ -253,10 +271,19 @@ class EvalSession:
             self.tracker = None
 
 
-def checkpoint_table(records: list[dict]) -> tuple[list[str], list[list]]:
+def _summary(result: EvalRecord, where) -> str:
+    val = result.splits.get("validation")
+    loss, ppl = (val.loss, val.perplexity) if val else (float("nan"), float("nan"))
+    extras = "".join(f", {name} acc {m['acc']:.3f}" for name, m in result.tasks.items())
+    return (f"eval: step {result.step}: validation loss {loss:.4f}, perplexity {ppl:.2f}{extras} "
+            f"in {result.seconds}s → {where}")
+
+
+def checkpoint_table(records: list[EvalRecord | dict]) -> tuple[list[str], list[list]]:
     """One row per evaluated checkpoint: step, tokens trained, then every metric (None where absent)."""
-    keys = sorted({k for r in records for k in r.get("metrics", {})})
-    rows = [[r["step"], r.get("tokens_trained"), *(r.get("metrics", {}).get(k) for k in keys)] for r in records]
+    records = [EvalRecord.coerce(r) for r in records]
+    keys = sorted({k for r in records for k in r.metrics})
+    rows = [[r.step, r.tokens_trained, *(r.metrics.get(k) for k in keys)] for r in records]
     return ["step", "tokens_trained", *keys], rows
 
 
@@ -267,7 +294,8 @@ def lease_settings(run_dir: str | Path) -> tuple[float, float]:
 
 
 def evaluate(run_dir: str | Path, step: int | None = None, options: EvalOptions = EvalOptions(),
-             use_ray: bool = False, ray_address: str | None = None, ray_gpus: float = 0.0, log=print) -> dict:
+             use_ray: bool = False, ray_address: str | None = None, ray_gpus: float = 0.0,
+             log=print) -> EvalRecord:
     """Evaluate one checkpoint (``step``, default the newest committed), even if it was before."""
     check_options(options)
     checkpoint = find_checkpoint(run_dir, step)

@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import html
 import io
-import json
 import math
 import time
 from pathlib import Path
 
+from pydantic import Field
+
+from pipeline.data.manifest import CorruptManifest
 from pipeline.eval import EvalError
-from pipeline.eval.records import load_records, read_jsonl, run_config
+from pipeline.eval.records import EvalRecord, load_records, read_jsonl, run_config
 from pipeline.eval.status import run_status
+from pipeline.records import Record
+from pipeline.rundir import DatasetDir, RunDir
+from pipeline.storage import open_storage
 
 PANELS = ("loss", "lr", "throughput", "eval_loss", "eval_acc")
 TITLES = {"loss": "Loss", "lr": "Learning rate", "throughput": "Throughput",
@@ -30,11 +35,11 @@ def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
     return steps, [last[s] for s in steps]
 
 
-def _eval_series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
-    return series([{"step": r["step"], **r.get("metrics", {})} for r in records], key)
+def _eval_series(records: list[EvalRecord], key: str) -> tuple[list[int], list[float]]:
+    return series([{"step": r.step, **r.metrics} for r in records], key)
 
 
-def _draw(ax, panel: str, metrics: list[dict], records: list[dict]) -> None:
+def _draw(ax, panel: str, metrics: list[dict], records: list[EvalRecord]) -> None:
     drawn = 0
 
     def line(xs, ys, label, **kw):
@@ -43,7 +48,7 @@ def _draw(ax, panel: str, metrics: list[dict], records: list[dict]) -> None:
             ax.plot(xs, ys, label=label, **kw)
             drawn += 1
 
-    eval_keys = sorted({k for r in records for k in r.get("metrics", {})})
+    eval_keys = sorted({k for r in records for k in r.metrics})
     if panel == "loss":
         line(*series(metrics, "train/loss"), "train/loss")
         line(*series(metrics, "val/loss"), "val/loss (during training)", marker=".")
@@ -76,7 +81,7 @@ def _draw(ax, panel: str, metrics: list[dict], records: list[dict]) -> None:
         ax.text(0.5, 0.5, "no data yet", ha="center", va="center", transform=ax.transAxes, color="gray")
 
 
-def panel_svgs(metrics: list[dict], records: list[dict]) -> dict[str, str]:
+def panel_svgs(metrics: list[dict], records: list[EvalRecord]) -> dict[str, str]:
     """Each panel as inline SVG markup (text kept as text, ids unique per panel)."""
     import matplotlib
     from matplotlib.figure import Figure
@@ -93,7 +98,7 @@ def panel_svgs(metrics: list[dict], records: list[dict]) -> dict[str, str]:
     return out
 
 
-def write_png(path: Path, metrics: list[dict], records: list[dict]) -> None:
+def write_png(path: Path | io.BytesIO, metrics: list[dict], records: list[EvalRecord]) -> None:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(13, 11), layout="constrained")
@@ -122,42 +127,94 @@ def _table(columns: list[str], rows: list[list], cls: str = "") -> str:
     return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
-def _manifest_section(manifest: dict | None, where: Path | None) -> str:
+class _Counts(Record):
+    error = CorruptManifest
+    documents: int | None = None
+    tokens: int | None = None
+
+
+class _SplitCounts(_Counts):
+    sources: dict[str, _Counts] = Field(default_factory=dict)
+
+
+class _SourceCounts(Record):
+    error = CorruptManifest
+    name: str = ""
+    path: str = ""
+    records: int | None = None
+    kept: int | None = None
+    quarantined: int | None = None
+
+    @property
+    def dropped(self) -> int:
+        if self.quarantined is not None:
+            return self.quarantined
+        return (self.records or 0) - (self.kept or 0)
+
+
+class _QuarantineCounts(Record):
+    error = CorruptManifest
+    records: int = 0
+    by_reason: dict[str, int] = Field(default_factory=dict)
+
+
+class _TokenizerSummary(Record):
+    error = CorruptManifest
+    type: str = "?"
+    vocab_size: int | None = None
+
+
+class ManifestSummary(Record):
+    """What the report shows of a dataset's manifest.json: the parts of `Manifest` it prints, each
+    optional, so that the page still renders (and says what it has) for a dataset written by an
+    older version or by hand; the hashes that training and eval verify are not looked at here."""
+
+    error = CorruptManifest
+    splits: dict[str, _SplitCounts] = Field(default_factory=dict)
+    sources: list[_SourceCounts] = Field(default_factory=list)
+    quarantine: _QuarantineCounts = Field(default_factory=_QuarantineCounts)
+    tokenizer: _TokenizerSummary = Field(default_factory=_TokenizerSummary)
+
+
+def read_manifest_summary(data_dir: str | Path) -> ManifestSummary | None:
+    """The summary of ``data_dir``'s manifest, None when there is none (not prepared yet)."""
+    store = open_storage(data_dir)
+    if not store.exists(DatasetDir.MANIFEST):
+        return None
+    return ManifestSummary.from_json(store.read_bytes(DatasetDir.MANIFEST), str(store.path(DatasetDir.MANIFEST)))
+
+
+def _manifest_section(manifest: ManifestSummary | None, where: Path | None) -> str:
     if manifest is None:
         return f"<p>No manifest found{f' at {html.escape(str(where))}' if where else ''}.</p>"
-    splits = manifest.get("splits", {})
+    splits = manifest.splits
     parts = [_table(["split", "documents", "tokens"],
-                    [[s, info.get("documents"), info.get("tokens")] for s, info in splits.items()])]
-    rows = [[s, name, src.get("documents"), src.get("tokens")]
-            for s, info in splits.items() for name, src in (info.get("sources") or {}).items()]
+                    [[s, info.documents, info.tokens] for s, info in splits.items()])]
+    rows = [[s, name, src.documents, src.tokens] for s, info in splits.items() for name, src in info.sources.items()]
     if rows:
         parts.append(_table(["split", "source", "documents", "tokens"], rows))
-    sources = manifest.get("sources") or []
-    if sources:
+    if manifest.sources:
         parts.append(_table(["source", "path", "records", "kept", "quarantined"],
-                            [[s.get("name", ""), s.get("path", ""), s.get("records"), s.get("kept"),
-                              s.get("quarantined", (s.get("records") or 0) - (s.get("kept") or 0))]
-                             for s in sources]))
-    q = manifest.get("quarantine") or {}
-    reasons = ", ".join(f"{html.escape(str(k))}: {v}" for k, v in (q.get("by_reason") or {}).items()) or "none"
-    tok = manifest.get("tokenizer") or {}
-    parts.append(f"<p>Quarantined records: <b>{_fmt(q.get('records', 0))}</b> (by reason: {reasons}). "
-                 f"Tokenizer: {html.escape(str(tok.get('type', '?')))}, vocabulary {_fmt(tok.get('vocab_size'))}. "
+                            [[s.name, s.path, s.records, s.kept, s.dropped] for s in manifest.sources]))
+    q, tok = manifest.quarantine, manifest.tokenizer
+    reasons = ", ".join(f"{html.escape(str(k))}: {v}" for k, v in q.by_reason.items()) or "none"
+    parts.append(f"<p>Quarantined records: <b>{_fmt(q.records)}</b> (by reason: {reasons}). "
+                 f"Tokenizer: {html.escape(tok.type)}, vocabulary {_fmt(tok.vocab_size)}. "
                  f"Manifest: {html.escape(str(where))}</p>")
     return "\n".join(parts)
 
 
-def _eval_section(records: list[dict]) -> str:
+def _eval_section(records: list[EvalRecord]) -> str:
     """One column per evaluated checkpoint, one row per metric (there are more metrics than checkpoints)."""
     if not records:
         return "<p>No checkpoint evaluated yet (<code>pretrain eval RUN_DIR</code>).</p>"
-    keys = sorted({k for r in records for k in r.get("metrics", {})})
-    rows = [["tokens trained", *(r.get("tokens_trained") for r in records)]]
-    rows += [[k.removeprefix("eval/"), *(r.get("metrics", {}).get(k) for r in records)] for k in keys]
-    return _table(["step", *(f"{r['step']:,}" for r in records)], rows, "wide")
+    keys = sorted({k for r in records for k in r.metrics})
+    rows = [["tokens trained", *(r.tokens_trained for r in records)]]
+    rows += [[k.removeprefix("eval/"), *(r.metrics.get(k) for r in records)] for k in keys]
+    return _table(["step", *(f"{r.step:,}" for r in records)], rows, "wide")
 
 
-def _key_numbers(status: dict, metrics: list[dict], records: list[dict]) -> list[tuple[str, str]]:
+def _key_numbers(status: dict, metrics: list[dict], records: list[EvalRecord]) -> list[tuple[str, str]]:
     items = [("step", f"{_fmt(status.get('step'))} of {_fmt(status.get('max_steps'))}"),
              ("tokens trained", f"{_fmt(status.get('tokens_done'))} of {_fmt(status.get('tokens_budget'))} "
                                 f"({status.get('progress', 0) * 100:.1f}%)")]
@@ -168,9 +225,9 @@ def _key_numbers(status: dict, metrics: list[dict], records: list[dict]) -> list
             items.append((label, f"{_fmt(values[-1])} at step {steps[-1]:,}"))
     if records:
         last = records[-1]
-        items.append(("newest eval", f"step {last['step']:,}: validation loss {_fmt(last.get('loss'))}, "
-                                     f"perplexity {_fmt(last.get('perplexity'))}"))
-        for name, m in (last.get("tasks") or {}).items():
+        items.append(("newest eval", f"step {last.step:,}: validation loss {_fmt(last.loss)}, "
+                                     f"perplexity {_fmt(last.perplexity)}"))
+        for name, m in last.tasks.items():
             items.append((f"task {name}", ", ".join(f"{k} {_fmt(v)}" for k, v in m.items())))
     return items
 
@@ -186,12 +243,12 @@ dl{display:grid;grid-template-columns:max-content auto;gap:2px 16px}dt{font-weig
 def render_html(run_dir: Path, png_name: str) -> str:
     cfg = run_config(run_dir)
     if cfg is None:
-        raise EvalError(f"{run_dir}: not a run directory (no config.yaml and no committed checkpoint)")
-    metrics = read_jsonl(run_dir / "metrics.jsonl")
+        raise EvalError(f"{run_dir}: not a run directory (no {RunDir.CONFIG} and no committed checkpoint)")
+    metrics = read_jsonl(RunDir(run_dir).metrics)
     records = load_records(run_dir)
     status = run_status(run_dir)
-    manifest_path = Path(cfg.data.output_dir) / "manifest.json"
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8")) if manifest_path.is_file() else None
+    manifest_path = DatasetDir(cfg.data.output_dir).manifest
+    manifest = read_manifest_summary(cfg.data.output_dir)
     svgs = panel_svgs(metrics, records)
     numbers = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>"
                       for k, v in _key_numbers(status, metrics, records))
@@ -218,11 +275,13 @@ def render_html(run_dir: Path, png_name: str) -> str:
 def write_report(run_dir: str | Path, out: str | Path | None = None, log=print) -> Path:
     """Write the HTML report (default RUN_DIR/report.html) and the PNG beside it; returns the HTML path."""
     run_dir = Path(run_dir)
-    html_path = Path(out) if out else run_dir / "report.html"
+    html_path = Path(out) if out else RunDir(run_dir).report_html
     png_path = html_path.with_suffix(".png")
     page = render_html(run_dir, png_path.name)
-    html_path.parent.mkdir(parents=True, exist_ok=True)
-    write_png(png_path, read_jsonl(run_dir / "metrics.jsonl"), load_records(run_dir))
-    html_path.write_text(page, encoding="utf-8")
+    png = io.BytesIO()
+    write_png(png, read_jsonl(RunDir(run_dir).metrics), load_records(run_dir))
+    store = open_storage(html_path.parent)
+    store.write_atomic(png_path.name, png.getvalue())
+    store.write_atomic(html_path.name, page)
     log(f"report: {html_path} (open it in any browser; nothing is fetched) and {png_path}")
     return html_path

@@ -12,8 +12,10 @@ import time
 from pathlib import Path
 
 from pipeline.eval import EvalError
-from pipeline.eval.records import load_records, read_jsonl, run_config
+from pipeline.eval.records import EvalRecord, is_evaluated, load_records, read_jsonl, run_config
+from pipeline.rundir import RunDir
 from pipeline.train import checkpoint as ckpt
+from pipeline.units import format_duration as _format_duration
 
 RECENT_LOGS = 5  # tokens/s entries averaged for the ETA
 STALE_AFTER_S = 900  # no log for this long: say so instead of promising an ETA
@@ -28,56 +30,65 @@ def eta_seconds(tokens_done: int, tokens_budget: int, tokens_per_s: float | None
 
 
 def format_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "unknown"
-    seconds = int(round(seconds))
-    days, rest = divmod(seconds, 86400)
-    h, rest = divmod(rest, 3600)
-    m, s = divmod(rest, 60)
-    return (f"{days}d " if days else "") + (f"{h}h {m:02d}m" if days or h else f"{m}m {s:02d}s")
+    """`pipeline.units.format_duration`'s ``clock`` style ("3h 01m", "0m 59s", "2d 0h 00m")."""
+    return _format_duration(seconds, "clock")
+
+
+def _phase(done: int, budget: int, metrics: list[dict], last_log: float | None, now: float) -> str:
+    if done >= budget:
+        return "finished"
+    if last_log is not None and now - last_log > STALE_AFTER_S:
+        return "stopped or stalled"
+    return "running" if metrics else "not started"
+
+
+def _last_eval(records: list[EvalRecord]) -> dict | None:
+    if not records:
+        return None
+    last = records[-1]
+    return {"step": last.step, "loss": last.loss, "perplexity": last.perplexity, "tasks": last.tasks,
+            "checkpoint": last.checkpoint}
+
+
+def _progress(newest: ckpt.Committed | None, metrics: list[dict]) -> tuple[int, int, str | None]:
+    """(consumed samples, step, the training W&B run id): the newest of the checkpoint and the log."""
+    state = newest.state() if newest else None
+    logged = [r for r in metrics if "train/consumed_samples" in r]
+    consumed = max([state.consumed_samples if state else 0] + [r["train/consumed_samples"] for r in logged])
+    step = max([state.step if state else 0] + [r.get("step", 0) for r in logged])
+    return consumed, step, state.wandb_run_id if state else None
 
 
 def run_status(run_dir: str | Path, now: float | None = None) -> dict:
-    
-    run_dir = Path(run_dir)
+    """Where the run stands, as JSON: phase, progress in tokens, speed and ETA, checkpoints, evals."""
+    run = RunDir(run_dir)
     now = time.time() if now is None else now
-    cfg = run_config(run_dir)
+    cfg = run_config(run.root)
     if cfg is None:
-        raise EvalError(f"{run_dir}: not a run directory (no config.yaml and no committed checkpoint)")
-    seq_len, batch = cfg.train.seq_len, cfg.train.global_batch_size
-    newest = ckpt.latest_committed(run_dir / "checkpoints", verify=False)
-    state = newest.trainer_state() if newest else {}
-    metrics = read_jsonl(run_dir / "metrics.jsonl")
-    logged = [r for r in metrics if "train/consumed_samples" in r]
-    consumed = max([state.get("consumed_samples", 0)] + [r["train/consumed_samples"] for r in logged])
-    step = max([state.get("step", 0)] + [r.get("step", 0) for r in logged])
+        raise EvalError(f"{run.root}: not a run directory (no {RunDir.CONFIG} and no committed checkpoint)")
+    newest = ckpt.latest_committed(run.checkpoints, verify=False)
+    metrics = read_jsonl(run.metrics)
+    consumed, step, wandb_run_id = _progress(newest, metrics)
     rates = [r["train/tokens_per_s"] for r in metrics if "train/tokens_per_s" in r][-RECENT_LOGS:]
     tokens_per_s = sum(rates) / len(rates) if rates else None
-    budget = cfg.train.max_steps * batch * seq_len
-    done = consumed * seq_len
+    budget = cfg.train.max_steps * cfg.train.global_batch_size * cfg.train.seq_len
+    done = consumed * cfg.train.seq_len
     last_log = max((r.get("time", 0) for r in metrics), default=None)
-    records = load_records(run_dir)
-    pending = [c.step for c in ckpt.committed_checkpoints(run_dir / "checkpoints")
-               if not (c.path / "eval.json").is_file()]
-    if done >= budget:
-        phase = "finished"
-    elif last_log is not None and now - last_log > STALE_AFTER_S:
-        phase = "stopped or stalled"
-    else:
-        phase = "running" if metrics else "not started"
-    eta = eta_seconds(done, budget, tokens_per_s) if phase in ("running", "finished") else None
+    records = load_records(run.root)
+    phase = _phase(done, budget, metrics, last_log, now)
     return {
-        "run_dir": str(run_dir), "name": cfg.name, "arch": cfg.model.arch, "phase": phase,
+        "run_dir": str(run.root), "name": cfg.name, "arch": cfg.model.arch, "phase": phase,
         "step": step, "max_steps": cfg.train.max_steps,
         "tokens_done": done, "tokens_budget": budget, "progress": min(done / budget, 1.0),
-        "tokens_per_s": tokens_per_s, "eta_s": eta,
+        "tokens_per_s": tokens_per_s,
+        "eta_s": eta_seconds(done, budget, tokens_per_s) if phase in ("running", "finished") else None,
         "last_log_age_s": None if last_log is None else round(now - last_log, 1),
         "checkpoint": None if newest is None else {"step": newest.step, "path": str(newest.path)},
-        "last_eval": None if not records else {
-            k: records[-1].get(k) for k in ("step", "loss", "perplexity", "tasks", "checkpoint")},
-        "eval_pending_steps": pending,
-        "wandb_run_id": state.get("wandb_run_id"),
-        "eval_wandb_run_ids": sorted({r["wandb_run_id"] for r in records if r.get("wandb_run_id")}),
+        "last_eval": _last_eval(records),
+        "eval_pending_steps": [c.step for c in ckpt.committed_checkpoints(run.checkpoints)
+                               if not is_evaluated(c.path)],
+        "wandb_run_id": wandb_run_id,
+        "eval_wandb_run_ids": sorted({r.wandb_run_id for r in records if r.wandb_run_id}),
     }
 
 

@@ -21,13 +21,15 @@ from pathlib import Path
 
 from pipeline.eval import EvalError
 from pipeline.eval.evaluate import EvalOptions, EvalSession, check_options, lease_settings, scorer
-from pipeline.eval.records import eval_lock, is_evaluated, load_records, run_config
+from pipeline.eval.records import EvalRecord, eval_lock, is_evaluated, load_records, run_config
+from pipeline.rundir import RunDir
+from pipeline.storage import StorageError, open_storage
 from pipeline.train import checkpoint as ckpt
 
 
 def pending(run_dir: str | Path) -> list[ckpt.Committed]:
     """Committed checkpoints without an eval.json, oldest first."""
-    return [c for c in ckpt.committed_checkpoints(Path(run_dir) / "checkpoints") if not is_evaluated(c.path)]
+    return [c for c in ckpt.committed_checkpoints(RunDir(run_dir).checkpoints) if not is_evaluated(c.path)]
 
 
 def target_step(run_dir: str | Path, until_step: int | None) -> int | None:
@@ -38,7 +40,7 @@ def target_step(run_dir: str | Path, until_step: int | None) -> int | None:
 
 
 def reached(run_dir: str | Path, target: int | None) -> bool:
-    return target is not None and any(r["step"] >= target for r in load_records(run_dir))
+    return target is not None and any(r.step >= target for r in load_records(run_dir))
 
 
 @contextlib.contextmanager
@@ -60,11 +62,27 @@ def stop_on_signals(stop: threading.Event, log=print):
             signal.signal(s, h)
 
 
-def watch_loop(run_dir: str | Path, evaluate_one: Callable[[ckpt.Committed], dict], stop: threading.Event,
-               interval_s: float = 60.0, max_evals: int | None = None, until_step: int | None = None,
-               log=print) -> list[dict]:
+def _evaluate_or_skip(checkpoint: ckpt.Committed, evaluate_one: Callable[[ckpt.Committed], EvalRecord],
+                      log) -> EvalRecord | None:
+    """The checkpoint's record, or None (said once) when retention deleted it meanwhile or it is broken."""
+    try:
+        return evaluate_one(checkpoint)
+    except (FileNotFoundError, StorageError, ckpt.CheckpointError) as exc:
+        deleted = isinstance(exc, FileNotFoundError) or not open_storage(checkpoint.path).exists(ckpt.COMMIT)
+        if deleted:
+            log(f"eval --watch: {checkpoint.path} was deleted (retention) before it was evaluated; skipped")
+        elif isinstance(exc, ckpt.CheckpointError):
+            log(f"eval --watch: skipping step {checkpoint.step}: {exc}")
+        else:
+            raise
+    return None
+
+
+def watch_loop(run_dir: str | Path, evaluate_one: Callable[[ckpt.Committed], EvalRecord],
+               stop: threading.Event, interval_s: float = 60.0, max_evals: int | None = None,
+               until_step: int | None = None, log=print) -> list[EvalRecord]:
     """Poll for pending checkpoints and evaluate each; returns this invocation's results."""
-    done: list[dict] = []
+    done: list[EvalRecord] = []
     skipped: set[int] = set()  # deleted or broken: reported once, retried only by the next eval job
     while not stop.is_set():
         for checkpoint in pending(run_dir):
@@ -72,14 +90,11 @@ def watch_loop(run_dir: str | Path, evaluate_one: Callable[[ckpt.Committed], dic
                 break
             if checkpoint.step in skipped:
                 continue
-            try:
-                done.append(evaluate_one(checkpoint))
-            except FileNotFoundError:
+            result = _evaluate_or_skip(checkpoint, evaluate_one, log)
+            if result is None:
                 skipped.add(checkpoint.step)
-                log(f"eval --watch: {checkpoint.path} was deleted (retention) before it was evaluated; skipped")
-            except ckpt.CheckpointError as exc:
-                skipped.add(checkpoint.step)
-                log(f"eval --watch: skipping step {checkpoint.step}: {exc}")
+            else:
+                done.append(result)
         if max_evals is not None and len(done) >= max_evals:
             log(f"eval --watch: {len(done)} checkpoint(s) evaluated (--max-evals); stopping")
             break
@@ -93,10 +108,10 @@ def watch_loop(run_dir: str | Path, evaluate_one: Callable[[ckpt.Committed], dic
 
 def watch(run_dir: str | Path, options: EvalOptions = EvalOptions(), interval_s: float = 60.0,
           max_evals: int | None = None, until_step: int | None = None, use_ray: bool = False,
-          ray_address: str | None = None, ray_gpus: float = 0.0, log=print) -> list[dict]:
+          ray_address: str | None = None, ray_gpus: float = 0.0, log=print) -> list[EvalRecord]:
     """The whole eval job of ``--watch``: lock, score (here or on Ray), record, log, stop cleanly."""
-    if not (Path(run_dir) / "checkpoints").is_dir() and run_config(run_dir) is None:
-        raise EvalError(f"{run_dir}: not a run directory (no checkpoints/ and no config.yaml); "
+    if not RunDir(run_dir).storage.has_prefix(RunDir.CHECKPOINTS) and run_config(run_dir) is None:
+        raise EvalError(f"{run_dir}: not a run directory (no {RunDir.CHECKPOINTS}/ and no {RunDir.CONFIG}); "
                         f"start `pretrain train` first, or check the path")
     if interval_s <= 0:
         raise EvalError(f"--interval-s must be positive, got {interval_s}")

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from pipeline.config import ConfigError, PipelineConfig
 from pipeline.errors import UserError
+from pipeline.rundir import RunDir
+from pipeline.storage import open_storage
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 STAGES = ("all", "prepare", "train", "eval")
@@ -75,7 +77,6 @@ def stage_project(dest: Path, config_yaml: str) -> Path:
             shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         elif src.is_file():
             shutil.copy2(src, dest / name)
-    (dest / "submitted").mkdir(parents=True, exist_ok=True)
-    path = dest / "submitted" / "config.yaml"
-    path.write_text(config_yaml, encoding="utf-8")
-    return path
+    submitted = RunDir(dest).submitted  # the job's working directory keeps the run's layout
+    open_storage(submitted).write_atomic(RunDir.CONFIG, config_yaml)
+    return submitted / RunDir.CONFIG

@@ -1,10 +1,8 @@
-"""Start training on this machine: in-process, under our own torchrun, or inside a launcher's group.
+"""Start ranks on this machine: our own torchrun, or a single-rank group in this process.
 
-`pretrain train` works three ways with one code path:
-- started by a launcher (torchrun, deepspeed, accelerate, srun, Ray Train): RANK/WORLD_SIZE are in
-  the environment (or SLURM_PROCID), so this process is one rank and trains directly;
-- ``train.nproc_per_node`` > 1 and no launcher: we start torchrun ourselves on the resolved config;
-- one process and no launcher: a single-rank group on this process.
+Which of the ways `pretrain train` runs (these two, under a launcher, on Ray Train) is decided in
+`pipeline.launch.route`; this module only knows how to start processes here and keep them tied to
+their parent (a rank must never outlive the process that holds the run lock).
 """
 
 from __future__ import annotations
@@ -17,16 +15,8 @@ import sys
 from pathlib import Path
 
 from pipeline.config import PipelineConfig, to_yaml
-
-
-def cpu_or_cuda() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def under_launcher() -> bool:
-    return "RANK" in os.environ or "SLURM_PROCID" in os.environ
+from pipeline.launch.env import cpu_or_cuda
+from pipeline.rundir import RunDir
 
 
 def free_port() -> int:
@@ -66,13 +56,9 @@ def dying_with_us(cmd: list[str]) -> list[str]:
 
 def write_resolved_config(cfg: PipelineConfig) -> Path:
     """The config every rank loads: validated once here, identical everywhere."""
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "config.yaml"
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(to_yaml(cfg), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    run = RunDir(cfg.run_dir)
+    run.storage.write_atomic(RunDir.CONFIG, to_yaml(cfg))
+    return run.config
 
 
 def child_pids(pid: int) -> list[int]:
@@ -141,32 +127,3 @@ def run_single_process(cfg: PipelineConfig) -> dict:
             dist.destroy_process_group()
         for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
             os.environ.pop(key, None)
-
-
-def for_ray_workers(cfg: PipelineConfig, num_workers: int | None) -> PipelineConfig:
-    """The config Ray Train workers get: absolute paths (a worker's working directory is Ray's), and
-    ``num_workers`` ranks in total as launch.nodes × ranks per node (one GPU each, or one CPU each)."""
-    launch, train = cfg.launch, cfg.train
-    if num_workers is not None:
-        if num_workers < 1:
-            from pipeline.config import ConfigError
-
-            raise ConfigError(f"--num-workers must be positive, got {num_workers}")
-        per_node = launch.gpus_per_node or 1
-        if num_workers % per_node:
-            from pipeline.config import ConfigError
-
-            raise ConfigError(f"--num-workers {num_workers} is not a multiple of launch.gpus_per_node ({per_node})")
-        launch = launch.model_copy(update={"nodes": num_workers // per_node})
-        train = train.model_copy(update={"nproc_per_node": 1})
-    data = cfg.data.model_copy(update={"output_dir": str(Path(cfg.data.output_dir).resolve())})
-    return cfg.model_copy(update={"run_dir": str(Path(cfg.run_dir).resolve()), "data": data,
-                                  "launch": launch, "train": train})
-
-
-def run_ray(cfg: PipelineConfig, num_workers: int | None) -> int:
-    """`pretrain train --backend ray`: Ray Train's TorchTrainer runs one `train()` per worker
-    (embedded Ray, or the cluster at RAY_ADDRESS); the driver holds the run lock."""
-    from pipeline.launch import ray_train
-
-    return ray_train.fit(for_ray_workers(cfg, num_workers))

@@ -29,9 +29,12 @@ from pathlib import Path
 from typing import Callable
 
 from pipeline.errors import LockHeld
+from pipeline.launch.env import global_rank
+from pipeline.rundir import RunDir
+from pipeline.storage import StorageError, open_storage
 
-LOCK_FILE = "run.lock"
-GUARD_FILE = "run.lock.guard"
+LOCK_FILE = RunDir.LOCK
+GUARD_FILE = RunDir.LOCK_GUARD
 HELD_ENV = "PRETRAIN_RUN_LOCK_TOKEN"  # set for child ranks: the parent already holds the lock
 
 
@@ -82,11 +85,13 @@ def is_stale(info: LeaseInfo, now: float, host: str) -> bool:
 
 
 def read_lease(run_dir: str | Path) -> LeaseInfo | None:
-    path = Path(run_dir) / LOCK_FILE
+    store = open_storage(run_dir)
+    if not store.exists(LOCK_FILE):
+        return None
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(store.read_text(LOCK_FILE))
         return LeaseInfo(**raw)
-    except FileNotFoundError:
+    except StorageError:  # released between the two calls
         return None
     except (json.JSONDecodeError, TypeError, UnicodeDecodeError):
         # a half-written or foreign file: treat as expired rather than blocking the run forever
@@ -101,6 +106,7 @@ class RunLock:
         if heartbeat_s * 2 > lease_s:
             raise ValueError(f"heartbeat_s ({heartbeat_s}) must be at most half of lease_s ({lease_s})")
         self.run_dir = Path(run_dir)
+        self._store = open_storage(self.run_dir)
         self.lease_s, self.heartbeat_s = lease_s, heartbeat_s
         self.on_lost = on_lost or _terminate_self
         self.command = command
@@ -112,11 +118,11 @@ class RunLock:
 
     @property
     def path(self) -> Path:
-        return self.run_dir / LOCK_FILE
+        return self._store.path(LOCK_FILE)
 
     @contextlib.contextmanager
     def _guard(self):
-        with open(self.run_dir / GUARD_FILE, "a+") as f:
+        with open(self._store.local_path(GUARD_FILE), "a+") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
                 yield
@@ -127,12 +133,11 @@ class RunLock:
         now = time.time()
         info = LeaseInfo(self.host, os.getpid(), _pid_start(os.getpid()), started_at, now + self.lease_s,
                          self.token, self.command)
-        tmp = self.path.with_name(f"{LOCK_FILE}.{self.token}.tmp")
-        tmp.write_text(json.dumps(asdict(info), indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, self.path)
+        # one writer at a time: every write happens under the guard
+        self._store.write_atomic(LOCK_FILE, json.dumps(asdict(info), indent=1) + "\n")
 
     def acquire(self) -> RunLock:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._store.makedirs()
         with self._guard():
             now = time.time()
             current = read_lease(self.run_dir)
@@ -176,7 +181,7 @@ class RunLock:
         with self._guard():
             current = read_lease(self.run_dir)
             if current is not None and current.token == self.token:
-                self.path.unlink()
+                self._store.delete(LOCK_FILE)
 
     def __enter__(self) -> RunLock:
         return self.acquire()
@@ -197,11 +202,6 @@ def run_lock(run_dir: str | Path, lease_s: float, heartbeat_s: float, command: s
     return RunLock(run_dir, lease_s, heartbeat_s, command=command)
 
 
-def global_rank() -> str:
-    """This process's global rank under torchrun (RANK) or srun (SLURM_PROCID); "0" otherwise."""
-    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
-
-
 def rank_lock(run_dir: str | Path, lease_s: float, heartbeat_s: float):
     """Under a launcher (srun, Ray Train, a user's torchrun): global rank 0 holds the lock, unless our
     own `pretrain train` parent already does (HELD_ENV). Other ranks hold nothing."""
@@ -215,7 +215,7 @@ def budget_spent(cfg) -> str | None:
     already at train.max_steps."""
     from pipeline.train.checkpoint import latest_committed
 
-    newest = latest_committed(Path(cfg.run_dir) / "checkpoints", verify=False)
+    newest = latest_committed(RunDir(cfg.run_dir).checkpoints, verify=False)
     if newest is not None and newest.step >= cfg.train.max_steps:
         return (f"{cfg.run_dir} is at step {newest.step}, train.max_steps is {cfg.train.max_steps}: "
                 f"the budget is spent, nothing to do")

@@ -23,6 +23,8 @@ from pathlib import Path
 
 from pipeline.config import ConfigError, PipelineConfig, to_yaml
 from pipeline.launch.cluster import PROJECT_ROOT, SubmitError, absolute_paths, stage_commands, stage_project
+from pipeline.rundir import RunDir
+from pipeline.storage import open_storage
 
 
 def resolve_address(cli_address: str | None, cfg: PipelineConfig) -> str:
@@ -77,18 +79,18 @@ def submit(cfg: PipelineConfig, *, stage: str = "all", address: str | None = Non
     shared = cfg.launch.ray.code == "shared"
     with tempfile.TemporaryDirectory(prefix="pretrain-job-") as tmp:
         if shared:
-            config_path = Path(cfg.run_dir) / "submitted" / f"{submission_id}.yaml"
+            submitted = RunDir(cfg.run_dir).submitted
             if not dry_run:
-                config_path.parent.mkdir(parents=True, exist_ok=True)
-                config_path.write_text(to_yaml(cfg), encoding="utf-8")
-            spec = job_spec(cfg, stage, str(config_path), working_dir=None)
-        else:
-            stage_project(Path(tmp), to_yaml(cfg))
-            spec = job_spec(cfg, stage, "submitted/config.yaml", working_dir=tmp)
+                open_storage(submitted).write_atomic(f"{submission_id}.yaml", to_yaml(cfg))
+            config_ref = str(submitted / f"{submission_id}.yaml")
+            spec = job_spec(cfg, stage, config_ref, working_dir=None)
+        else:  # the config travels with the code: a path relative to the job's working directory
+            config_ref = stage_project(Path(tmp), to_yaml(cfg)).relative_to(tmp).as_posix()
+            spec = job_spec(cfg, stage, config_ref, working_dir=tmp)
         if dry_run:
             shown = json.loads(json.dumps(spec))
             if not shared:
-                shown["runtime_env"]["working_dir"] = "<uploaded: pipeline/, configs/, submitted/config.yaml>"
+                shown["runtime_env"]["working_dir"] = f"<uploaded: pipeline/, configs/, {config_ref}>"
             out(f"# would submit to {address} as {submission_id}")
             out(json.dumps(shown, indent=2))
             return 0

@@ -1,11 +1,12 @@
 """The train stage of a Ray job: Ray Train's TorchTrainer runs one `train()` per rank, on any nodes.
 
 ``python -m pipeline.launch.ray_train CONFIG`` is what `pretrain submit --to ray` puts in the job's
-entrypoint. It is the multi-node path on Ray: Ray places ``launch.nodes × ranks per node`` workers
-(one GPU each, or one CPU each on CPU nodes), sets RANK/WORLD_SIZE/MASTER_ADDR and the process group,
-and each worker calls the same `pipeline.train.loop.train` that torchrun and srun ranks call.
-This process (the job's driver) holds the run-directory lock around the whole fit, like the parent
-of `pretrain train` does around torchrun.
+entrypoint, and `pretrain train --backend ray` calls `fit` the same way. It is the multi-node path on
+Ray: Ray places ``launch.nodes × ranks per node`` workers (one GPU each, or one CPU each on CPU
+nodes), sets RANK/WORLD_SIZE/MASTER_ADDR and the process group, and each worker calls the same
+`pipeline.train.loop.train` that torchrun and srun ranks call. This process (the job's driver) is
+the parent of the ranks: it runs the shared preamble (`pipeline.launch.preamble`) around the whole
+fit, like the parent of `pretrain train` does around torchrun.
 """
 
 from __future__ import annotations
@@ -16,12 +17,18 @@ import sys
 from pathlib import Path
 
 from pipeline.config import ConfigError, PipelineConfig, load_config
+from pipeline.errors import PipelineError
+from pipeline.launch import lock
+from pipeline.launch.env import cpu_or_cuda
+from pipeline.launch.preamble import guarded, lease
+from pipeline.rundir import RunDir
+
+WHO = "ray train"
 
 
 def _worker(config: dict) -> None:
     """One rank, inside a Ray Train worker; the process group is already set up by Ray Train."""
     from pipeline.config import build_config
-    from pipeline.launch.local import cpu_or_cuda
     from pipeline.train.loop import train
 
     os.environ.setdefault("DS_ACCELERATOR", cpu_or_cuda())
@@ -29,39 +36,62 @@ def _worker(config: dict) -> None:
     train(build_config(config["pipeline"], origin="(ray job)"))
 
 
-def fit(cfg: PipelineConfig, log=print) -> int:
+def for_ray_workers(cfg: PipelineConfig, num_workers: int | None) -> PipelineConfig:
+    """The config Ray Train workers get: absolute paths (a worker's working directory is Ray's), and
+    ``num_workers`` ranks in total as launch.nodes × ranks per node (one GPU each, or one CPU each)."""
+    launch, train = cfg.launch, cfg.train
+    if num_workers is not None:
+        if num_workers < 1:
+            raise ConfigError(f"--num-workers must be positive, got {num_workers}")
+        per_node = launch.gpus_per_node or 1
+        if num_workers % per_node:
+            raise ConfigError(f"--num-workers {num_workers} is not a multiple of launch.gpus_per_node ({per_node})")
+        launch = launch.model_copy(update={"nodes": num_workers // per_node})
+        train = train.model_copy(update={"nproc_per_node": 1})
+    data = cfg.data.model_copy(update={"output_dir": str(Path(cfg.data.output_dir).resolve())})
+    return cfg.model_copy(update={"run_dir": str(Path(cfg.run_dir).resolve()), "data": data,
+                                  "launch": launch, "train": train})
+
+
+def _trainer(cfg: PipelineConfig, world: int):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipeline.launch import lock
     from pipeline.train.engine import pick_backend
 
-    world = cfg.launch.nodes * cfg.launch.ranks_per_node(cfg.train)
-    cfg.gradient_accumulation_steps(world)  # fail before any worker starts
-    spent = lock.budget_spent(cfg)
-    if spent:
-        log(f"ray train: {spent}")
-        return 0
     use_gpu = cfg.launch.gpus_per_node > 0
-    run_dir = Path(cfg.run_dir).resolve()
-    with lock.run_lock(run_dir, cfg.launch.lock_lease_s, cfg.launch.lock_heartbeat_s,
-                       command="pretrain ray train (driver)"):
-        trainer = TorchTrainer(
-            _worker,
-            train_loop_config={"pipeline": cfg.model_dump(mode="json")},
-            torch_config=TorchConfig(backend="nccl" if use_gpu else pick_backend(cfg),
-                                     timeout_s=cfg.train.dist_timeout_s),
-            scaling_config=ScalingConfig(num_workers=world, use_gpu=use_gpu,
-                                         resources_per_worker={"GPU": 1} if use_gpu else {"CPU": 1}),
-            run_config=RunConfig(name=cfg.name, storage_path=str(run_dir / "ray_train")),
-        )
-        log(f"ray train: {world} workers ({cfg.launch.nodes} node(s) × {cfg.launch.ranks_per_node(cfg.train)}"
-            f"{' GPU' if use_gpu else ' CPU'} ranks)")
+    return TorchTrainer(
+        _worker,
+        train_loop_config={"pipeline": cfg.model_dump(mode="json")},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else pick_backend(cfg),
+                                 timeout_s=cfg.train.dist_timeout_s),
+        scaling_config=ScalingConfig(num_workers=world, use_gpu=use_gpu,
+                                     resources_per_worker={"GPU": 1} if use_gpu else {"CPU": 1}),
+        run_config=RunConfig(name=cfg.name, storage_path=str(RunDir(Path(cfg.run_dir).resolve()).ray_train)),
+    )
+
+
+def fit(cfg: PipelineConfig, log=print) -> int:
+    """Run the ranks on Ray Train under the preamble (budget, run lock, inputs verified here)."""
+    ranks = cfg.launch.ranks_per_node(cfg.train)
+    world = cfg.launch.nodes * ranks
+    cfg.gradient_accumulation_steps(world)  # fail before any worker starts
+
+    def work(_held) -> int:
+        trainer = _trainer(cfg, world)
+        kind = " GPU" if cfg.launch.gpus_per_node > 0 else " CPU"
+        log(f"{WHO}: {world} workers ({cfg.launch.nodes} node(s) × {ranks}{kind} ranks)")
         result = trainer.fit()
-    if result.error is not None:
-        log(f"ray train: failed: {result.error}")
-        return 1
-    return 0
+        if result.error is not None:
+            log(f"{WHO}: failed: {result.error}")
+            return 1
+        return 0
+
+    def hold():
+        run_dir, lease_s, heartbeat_s = lease(cfg)
+        return lock.run_lock(Path(run_dir).resolve(), lease_s, heartbeat_s, command="pretrain ray train (driver)")
+
+    return guarded(cfg, work, who=WHO, hold=hold, verify=True, say=log)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,16 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     args = p.parse_args(argv)
-    from pipeline.launch.lock import RunLocked
-
     try:
         return fit(load_config(args.config, args.overrides))
-    except ConfigError as exc:
-        print(f"ray train: {exc}", file=sys.stderr)
-        return 2
-    except RunLocked as exc:
-        print(f"ray train: {exc}", file=sys.stderr)
-        return 3
+    except PipelineError as exc:
+        print(f"{WHO}: {'error: ' if exc.prefix_error else ''}{exc}", file=sys.stderr)
+        return exc.exit_code
 
 
 if __name__ == "__main__":

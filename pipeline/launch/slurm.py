@@ -19,6 +19,8 @@ from pathlib import Path
 
 from pipeline.config import ConfigError, PipelineConfig, to_yaml
 from pipeline.launch.cluster import PROJECT_ROOT, SubmitError, absolute_paths, stage_commands
+from pipeline.rundir import RunDir
+from pipeline.storage import open_storage
 
 _FIELD = re.compile(r"\{\{\s*([a-z_]+)\s*\}\}")
 
@@ -61,7 +63,7 @@ def render_sbatch(cfg: PipelineConfig, config_path: str, stage: str = "all") -> 
         "nodes": str(launch.nodes),
         "cpus_per_task": str(s.cpus_per_task),
         "time_limit": s.time_limit,
-        "log_dir": str(Path(cfg.run_dir) / "slurm"),
+        "log_dir": str(RunDir(cfg.run_dir).slurm_logs),
         "signal_lead_s": str(s.signal_lead_s),
         "extra_sbatch": "\n".join(extra),
         "ranks_per_node": str(ranks),
@@ -119,20 +121,20 @@ def _install_scrontab(cfg: PipelineConfig, block: str) -> None:
 def submit(cfg: PipelineConfig, *, stage: str = "all", dry_run: bool = False, wait: bool = False,
            schedule: str | None = None, out=print) -> int:
     cfg = absolute_paths(cfg)
-    run_dir = Path(cfg.run_dir)
+    run = RunDir(cfg.run_dir)
     tag = time.strftime("%Y%m%d-%H%M%S")
-    config_path = run_dir / "submitted" / f"slurm-{tag}.yaml"
-    script_path = run_dir / "submitted" / f"slurm-{tag}.sbatch"
-    script = render_sbatch(cfg, str(config_path), stage)
+    config_name, script_name = f"slurm-{tag}.yaml", f"slurm-{tag}.sbatch"
+    script_path = run.submitted / script_name
+    script = render_sbatch(cfg, str(run.submitted / config_name), stage)
     if dry_run:
         out(script)
         if schedule:
             out(scrontab_entry(cfg, schedule, script_path))
         return 0
-    (run_dir / "slurm").mkdir(parents=True, exist_ok=True)
-    config_path.parent.mkdir(parents=True, exist_ok=True)
-    config_path.write_text(to_yaml(cfg), encoding="utf-8")
-    script_path.write_text(script, encoding="utf-8")
+    open_storage(run.slurm_logs).makedirs()  # sbatch writes the job's log there from its first line
+    submitted = open_storage(run.submitted)
+    submitted.write_atomic(config_name, to_yaml(cfg))
+    submitted.write_atomic(script_name, script)
     if schedule and shutil.which("scrontab") is None:  # e.g. Debian's slurm-client ships no scrontab
         out(f"# this Slurm has no scrontab: add this line to the crontab (crontab -e) of this login node;\n"
             f"# each firing submits {script_path}, never two at once (--dependency=singleton)")
@@ -142,12 +144,16 @@ def submit(cfg: PipelineConfig, *, stage: str = "all", dry_run: bool = False, wa
         _install_scrontab(cfg, scrontab_entry(cfg, schedule, script_path))
         out(f"scheduled {script_path} with scrontab ('{schedule}'); see it with `scrontab -l`")
         return 0
+    return _sbatch(cfg, script_path, wait, out)
+
+
+def _sbatch(cfg: PipelineConfig, script_path: Path, wait: bool, out) -> int:
     done = subprocess.run([_tool("sbatch"), "--parsable", str(script_path)], capture_output=True, text=True)
     job_id = done.stdout.strip().split(";")[0]
     if done.returncode != 0 or not job_id:
         raise SubmitError(f"sbatch refused {script_path}: {done.stderr.strip()}")
     out(f"submitted Slurm job {job_id}: {script_path}")
-    out(f"  follow its log: tail -f {run_dir / 'slurm'}/{job_name(cfg)}-{job_id}.out")
+    out(f"  follow its log: tail -f {RunDir(cfg.run_dir).slurm_logs}/{job_name(cfg)}-{job_id}.out")
     out(f"  status / stop:  squeue -j {job_id} / scancel {job_id}")
     if not wait:
         return 0

@@ -1,8 +1,10 @@
 """Model families and their weights.
 
-``build_model(cfg)`` is the one entry point the trainer and evaluator use. Weights on disk are a
-``model.safetensors`` of ``state_dict_for_save(model)``: our parameter names, fp32, each tied tensor
-once; ``load_state_dict_tied`` puts them back.
+``build_model(cfg)`` is the one entry point the trainer and evaluator use: ``arch`` picks the
+objective (gpt: causal LM, bert: masked LM), the other fields pick the parts, so a Llama-style
+decoder is a GPT and a ModernBERT-style encoder a BERT. Weights on disk are a ``model.safetensors``
+of ``state_dict_for_save(model)``: our parameter names, fp32, each tied tensor once;
+``load_state_dict_tied`` puts them back.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pipeline.config import ConfigError, ModelConfig
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
-    """A freshly initialised GPT or BERT (``cfg.vocab_size`` must be resolved)."""
+    """A freshly initialised GPT or BERT with the parts ``cfg`` names (``cfg.vocab_size`` must be resolved)."""
     if cfg.vocab_size is None:
         raise ValueError("model.vocab_size must be resolved (from the tokenizer) before building")
     if cfg.arch == "gpt":
@@ -75,10 +77,15 @@ def initial_model(cfg: ModelConfig) -> nn.Module:
     if not cfg.init_from:
         return model
     from pipeline.models.hf import import_from_hf
+    from pipeline.models.hf_modern import hf_family
 
     hf_cfg, weights = import_from_hf(cfg.init_from)
-    if hf_cfg.arch != cfg.arch:
-        raise ConfigError(f"model.init_from: {cfg.init_from} is a {hf_cfg.arch} model, this config trains {cfg.arch}")
+    try:
+        source, target = hf_family(hf_cfg), hf_family(cfg)
+    except ValueError as exc:
+        raise ConfigError(f"model.init_from: this config has no transformers counterpart: {exc}") from None
+    if source != target:
+        raise ConfigError(f"model.init_from: {cfg.init_from} is a {source} model, this config trains {target}")
     ours = {k: v for k, v in model.state_dict().items() if k not in tied_aliases(model)}
     fitted = {}
     for name, target in ours.items():

@@ -10,7 +10,6 @@ is not needed here.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.config import ModelConfig
+from pipeline.models import hf_modern
 
 # (ours, HF, transpose) for one block. GPT-2 stores Linear weights as Conv1D, i.e. (in, out).
 _GPT_BLOCK = [
@@ -101,8 +101,12 @@ def _bert_to_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torc
     return out
 
 
-def hf_config(cfg: ModelConfig) -> dict:
-    """The ``config.json`` contents transformers needs to rebuild this architecture."""
+def hf_config(cfg: ModelConfig, token_ids: dict[str, int] | None = None) -> dict:
+    """The ``config.json`` contents transformers needs to rebuild this architecture; ``token_ids``
+    (see `hf_token_ids`) declares bos/eos/pad so generation stops and batches pad."""
+    if hf_modern.hf_family(cfg) in hf_modern.MODEL_TYPES:  # Llama- and ModernBERT-style models
+        return hf_modern.hf_config_for(cfg, token_ids)
+    ids = token_ids or {}
     if cfg.arch == "gpt":
         return {
             "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
@@ -111,8 +115,9 @@ def hf_config(cfg: ModelConfig) -> dict:
             "activation_function": "gelu_new", "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout,
             "attn_pdrop": cfg.attn_dropout, "layer_norm_epsilon": cfg.layer_norm_eps,
             "initializer_range": cfg.init_std, "tie_word_embeddings": cfg.tie_embeddings,
-            # GPT2Config defaults these to 50256, which is out of range for our own tokenizers.
-            "bos_token_id": None, "eos_token_id": None, "torch_dtype": "float32",
+            # GPT2Config defaults these to 50256, which is out of range for our own tokenizers
+            "bos_token_id": ids.get("bos_token_id"), "eos_token_id": ids.get("eos_token_id"),
+            "pad_token_id": ids.get("pad_token_id"), "torch_dtype": "float32",
         }
     return {
         "architectures": ["BertForMaskedLM"], "model_type": "bert",
@@ -122,8 +127,64 @@ def hf_config(cfg: ModelConfig) -> dict:
         "attention_probs_dropout_prob": cfg.attn_dropout, "type_vocab_size": cfg.type_vocab_size,
         "layer_norm_eps": cfg.layer_norm_eps, "initializer_range": cfg.init_std,
         "tie_word_embeddings": cfg.tie_embeddings, "position_embedding_type": "absolute",
-        "pad_token_id": None, "torch_dtype": "float32",
+        "pad_token_id": ids.get("pad_token_id"), "torch_dtype": "float32",
     }
+
+
+# What each HF special-token role is in our tokenizers: GPT's byte-level BPE has one special token,
+# the end-of-document one, which serves as bos, eos, unk and pad (as GPT-2's <|endoftext|> does);
+# BERT's WordPiece has its five.
+_ROLES = {
+    "gpt": {"bos_token": "eod", "eos_token": "eod", "unk_token": "eod", "pad_token": "eod"},
+    "bert": {"cls_token": "cls", "sep_token": "sep", "mask_token": "mask", "pad_token": "pad", "unk_token": "unk"},
+}
+
+
+def special_tokens(arch: str, tokenizer, special_ids: dict[str, int]) -> dict[str, str]:
+    """HF role (``eos_token``, ``mask_token``, …) → token text, from the dataset's special ids."""
+    out = {}
+    for role, ours in _ROLES[arch].items():
+        if ours not in special_ids:
+            raise ValueError(f"export: the tokenizer has no {ours!r} special token (needed as {role})")
+        out[role] = tokenizer.id_to_token(special_ids[ours])
+    return out
+
+
+def hf_token_ids(arch: str, special_ids: dict[str, int]) -> dict[str, int]:
+    """``bos_token_id``/``eos_token_id``/``pad_token_id`` for config.json and generation_config.json."""
+    roles = {f"{role}_id": special_ids[ours] for role, ours in _ROLES[arch].items()}
+    keep = ("bos_token_id", "eos_token_id", "pad_token_id") if arch == "gpt" else ("pad_token_id",)
+    return {k: roles[k] for k in keep}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _export_tokenizer(out: Path, tokenizer_json: Path, model_cfg: ModelConfig,
+                      special_ids: dict[str, int] | None) -> None:
+    """tokenizer.json (BERT: with the [CLS] … [SEP] post-processor), tokenizer_config.json and
+    special_tokens_map.json declaring every special token, as ``save_pretrained`` writes them
+    (without ``special_ids``: a tokenizer that is not one of ours, copied as it is)."""
+    from tokenizers import Tokenizer, processors
+
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    names = special_tokens(model_cfg.arch, tok, special_ids) if special_ids is not None else {}
+    if model_cfg.arch == "bert" and names:  # what BertTokenizerFast adds around every sequence (and pair)
+        cls, sep = names["cls_token"], names["sep_token"]
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B:1 {sep}:1",
+            special_tokens=[(cls, special_ids["cls"]), (sep, special_ids["sep"])])
+    tok.save(str(out / "tokenizer.json"))
+    inputs = ["input_ids", "token_type_ids", "attention_mask"] if model_cfg.arch == "bert" else \
+        ["input_ids", "attention_mask"]
+    # the generic fast tokenizer reads tokenizer.json as it is, whatever the model type
+    _write_json(out / "tokenizer_config.json", {"model_input_names": inputs,
+        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_cfg.max_seq_len,
+        "clean_up_tokenization_spaces": False, "padding_side": "right" if model_cfg.arch == "bert" else "left",
+        **names})
+    if names:
+        _write_json(out / "special_tokens_map.json", names)
 
 
 def export_to_hf(
@@ -131,24 +192,28 @@ def export_to_hf(
     model_cfg: ModelConfig,
     out_dir: str | Path,
     tokenizer_json: Path | None = None,
+    special_ids: dict[str, int] | None = None,
 ) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` (+ ``tokenizer.json``) for transformers.
+    """Write ``config.json`` + ``model.safetensors`` (+ the tokenizer files) for transformers.
 
     ``state_dict`` uses our names (tied aliases may be present or not), as saved by training.
+    ``special_ids`` (the dataset manifest's, e.g. ``{"eod": 0}`` or BERT's five) declares the special
+    tokens in the tokenizer and the model config, so pipelines, padding and generation work.
     """
     if model_cfg.vocab_size is None:
         raise ValueError("export: model.vocab_size is not set; use the resolved config of the checkpoint")
-    to_hf = _gpt_to_hf if model_cfg.arch == "gpt" else _bert_to_hf
+    modern = hf_modern.hf_family(model_cfg) in hf_modern.MODEL_TYPES
+    to_hf = hf_modern.export_state if modern else _gpt_to_hf if model_cfg.arch == "gpt" else _bert_to_hf
     tensors = {k: v.detach().cpu().contiguous() for k, v in to_hf(state_dict, model_cfg).items()}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(hf_config(model_cfg), indent=2) + "\n", encoding="utf-8")
+    token_ids = hf_token_ids(model_cfg.arch, special_ids) if special_ids else None
+    _write_json(out / "config.json", hf_config(model_cfg, token_ids))
+    if token_ids and model_cfg.arch == "gpt":
+        _write_json(out / "generation_config.json", {**token_ids, "max_length": model_cfg.max_seq_len})
     if tokenizer_json is not None:
-        shutil.copyfile(tokenizer_json, out / "tokenizer.json")
-        # The generic fast tokenizer reads tokenizer.json as it is, whatever the model type.
-        tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_cfg.max_seq_len}
-        (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n", encoding="utf-8")
+        _export_tokenizer(out, Path(tokenizer_json), model_cfg, special_ids)
     return out
 
 
@@ -188,7 +253,7 @@ def _config_from_hf(hf: dict, path: Path) -> ModelConfig:
             layer_norm_eps=hf.get("layer_norm_eps", 1e-12), init_std=hf.get("initializer_range", 0.02),
             tie_embeddings=hf.get("tie_word_embeddings", True),
         )
-    raise ValueError(f"{path}: model_type {kind!r} is not supported (expected gpt2 or bert)")
+    raise ValueError(f"{path}: model_type {kind!r} is not supported (expected gpt2, bert, llama or modernbert)")
 
 
 def _read_safetensors(hf_dir: Path) -> dict[str, torch.Tensor]:
@@ -240,7 +305,11 @@ def import_from_hf(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Ten
     config_path = hf_dir / "config.json"
     if not config_path.is_file():
         raise ValueError(f"{hf_dir}: no config.json; expected a transformers model directory")
-    cfg = _config_from_hf(json.loads(config_path.read_text(encoding="utf-8")), config_path)
+    hf = json.loads(config_path.read_text(encoding="utf-8"))
+    if hf.get("model_type") in hf_modern.MODEL_TYPES:
+        cfg, sd = hf_modern.import_state(_read_safetensors(hf_dir), hf, str(config_path))
+        return cfg, {k: v.contiguous() for k, v in sd.items()}
+    cfg = _config_from_hf(hf, config_path)
     sd = _read_safetensors(hf_dir)
     from_hf = _gpt_from_hf if cfg.arch == "gpt" else _bert_from_hf
     return cfg, {k: v.contiguous() for k, v in from_hf(sd, cfg, hf_dir).items()}

@@ -8,7 +8,7 @@ a crash at any moment leaves either a staging tree or a ``step_N`` without ``COM
 ignored by resume and eval, and swept on the next save. ``latest`` is a hint, never the truth.
 
 Each checkpoint holds the DeepSpeed engine state, ``model.safetensors`` (the full fp32 weights,
-readable without DeepSpeed or unpickling), ``trainer_state.json`` (train/state.py), ``config.yaml``
+readable without DeepSpeed or unpickling), ``trainer_state.json`` (train/records.py, written by train/resume.py), ``config.yaml``
 and per-rank RNG states. Every file a load reads is listed in COMMIT; a file found in a committed
 checkpoint that COMMIT does not list (other than the eval record written after the commit) is
 refused, so nothing can be slipped in for DeepSpeed's globbing loaders to pick up.
@@ -26,12 +26,13 @@ from pipeline.train.records import CheckpointError, Commit, CorruptCheckpoint, T
 COMMIT = RunDir.COMMIT
 LATEST = RunDir.LATEST
 TRAINER_STATE = "trainer_state.json"
+WEIGHTS = "model.safetensors"  # the full fp32 weights, gathered by rank 0 at save time
 #: written into a committed checkpoint afterwards, by the eval job; never read by a load
 AFTER_COMMIT = (RunDir.EVAL_JSON,)
 
 __all__ = ["COMMIT", "LATEST", "CheckpointError", "CorruptCheckpoint", "Commit", "Committed", "tag_for",
            "committed_step", "committed_checkpoints", "verify_checkpoint", "latest_committed", "commit", "tidy",
-           "retained_steps", "apply_retention"]
+           "retained_steps", "apply_retention", "staging_dir", "resolve_checkpoint"]
 
 
 def _written_after_commit(name: str) -> bool:
@@ -183,3 +184,16 @@ def staging_dir(root: str | Path, step: int) -> Path:
     store = open_storage(root)
     return store.path(store.staging_for(tag_for(step)))
 
+
+def resolve_checkpoint(path: str | Path) -> Committed:
+    """A checkpoint directory, or a run directory (its newest committed checkpoint); verified
+    against COMMIT. For the commands that take either (export, consolidate)."""
+    path = Path(path)
+    if open_storage(path).exists(COMMIT) or path.name.startswith("step_"):
+        verify_checkpoint(path)
+        return Committed(path, committed_step(path))
+    run = RunDir(path)
+    latest = latest_committed(run.checkpoints if run.storage.has_prefix(run.CHECKPOINTS) else path, verify=True)
+    if latest is None:
+        raise CheckpointError(f"{path}: no committed checkpoint found")
+    return latest

@@ -24,7 +24,7 @@ from pipeline.data.manifest import Manifest
 from pipeline.train.records import TrainerState
 
 #: model fields that do not change the weights' shapes or values
-VOLATILE_MODEL_FIELDS = ("activation_checkpointing", "dropout", "attn_dropout")
+VOLATILE_MODEL_FIELDS = ("activation_checkpointing", "dropout", "attn_dropout", "attention_kernel")
 FALLBACK_HINT = ("use a new run_dir, or the original config and data.output_dir (a dataset grown with "
                  "`pretrain prepare --append` continues the run)")
 
@@ -42,12 +42,13 @@ def resolve_model_config(model: ModelConfig, tokenizer_vocab: int) -> ModelConfi
     return model.model_copy(update={"vocab_size": -(-tokenizer_vocab // m) * m})
 
 
-def dataset_problem(saved: TrainerState, manifest: Manifest, manifest_sha: str) -> str | None:
-    """Why the checkpoint's dataset is not this one (nor an ancestor of it), or None."""
+def dataset_problem(saved: TrainerState, manifest: Manifest | None, manifest_sha: str) -> str | None:
+    """Why the checkpoint's dataset is not this one (nor an ancestor of it), or None. Without the
+    ``manifest`` itself only the same dataset continues (its lineage is unknown)."""
     trained_on = saved.data_manifest_sha256
     if trained_on == manifest_sha:
         return None
-    if trained_on in manifest.lineage and saved.data_eras:
+    if manifest is not None and trained_on in manifest.lineage and saved.data_eras:
         return None
     return (f"was trained on a different dataset (manifest sha256 {trained_on[:12] or '?'}… vs "
             f"{manifest_sha[:12]}…)")
@@ -56,7 +57,11 @@ def dataset_problem(saved: TrainerState, manifest: Manifest, manifest_sha: str) 
 def model_problems(saved: TrainerState, model: ModelConfig) -> list[str]:
     if not saved.model:
         return []
-    before = {k: v for k, v in saved.model.items() if k not in VOLATILE_MODEL_FIELDS}
+    try:  # fields a checkpoint of an older version lacks count as their defaults
+        saved_model = ModelConfig.model_validate(saved.model).model_dump(mode="json")
+    except ValueError:
+        saved_model = dict(saved.model)
+    before = {k: v for k, v in saved_model.items() if k not in VOLATILE_MODEL_FIELDS}
     now = {k: v for k, v in model.model_dump(mode="json").items() if k not in VOLATILE_MODEL_FIELDS}
     return [f"model.{k}: checkpoint {before.get(k)!r}, config {now.get(k)!r}"
             for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
@@ -65,18 +70,18 @@ def model_problems(saved: TrainerState, model: ModelConfig) -> list[str]:
 def resume_problems(cfg: PipelineConfig, saved: TrainerState, manifest: Manifest | None = None,
                     manifest_sha: str | None = None) -> list[str]:
     """Every reason the checkpoint whose state is ``saved`` cannot continue ``cfg``'s run, one line
-    each (empty: it can). ``manifest``/``manifest_sha``: the dataset the run would train on (None:
-    not checked, e.g. the data is not prepared yet)."""
+    each (empty: it can). ``manifest_sha``: the sha256 of the manifest of the dataset the run would
+    train on (None: not checked, e.g. the data is not prepared yet); ``manifest``: that manifest (its
+    lineage, and its vocabulary for the model comparison)."""
     problems = []
-    if manifest is not None and manifest_sha is not None:
+    if manifest_sha is not None:
         data = dataset_problem(saved, manifest, manifest_sha)
         if data:
             problems.append(data)
     saved_batch = saved.global_batch_size if saved.global_batch_size is not None else cfg.train.global_batch_size
     if saved_batch != cfg.train.global_batch_size:
-        problems.append(f"trained with train.global_batch_size {saved_batch}, this config says "
-                        f"{cfg.train.global_batch_size}; keep the global batch to resume (the sample order "
-                        f"depends on it)")
+        problems.append(f"train.global_batch_size: checkpoint {saved_batch}, config {cfg.train.global_batch_size} "
+                        f"(keep the global batch to resume: the sample order depends on it)")
     stage = cfg.train.zero_stage
     saved_stage = saved.zero_stage if saved.zero_stage is not None else stage
     if saved_stage != stage and {saved_stage, stage} != {1, 2}:

@@ -10,57 +10,62 @@ run before deleting DeepSpeed shards or archiving only the safetensors.
 
 from __future__ import annotations
 
-import os
+import fnmatch
 from pathlib import Path
 
 import torch
+import yaml
 
+from pipeline.rundir import RunDir
+from pipeline.storage import open_storage
 from pipeline.train import checkpoint as ckpt
+from pipeline.train.safe_load import weights_only_loads
+
+ZERO0_MODULE = "mp_rank_*_model_states.pt"  # DeepSpeed's file holding the whole module under ZeRO-0
 
 
 def fp32_from_deepspeed(checkpoint: ckpt.Committed, zero_stage: int) -> dict[str, torch.Tensor]:
     """Full fp32 weights from the DeepSpeed files of one committed checkpoint."""
     if zero_stage == 0:
-        files = sorted(checkpoint.path.glob("mp_rank_*_model_states.pt"))
+        store = checkpoint.storage
+        files = [k for k in store.list() if "/" not in k and fnmatch.fnmatch(k, ZERO0_MODULE)]
         if not files:
-            raise ckpt.CheckpointError(f"{checkpoint.path}: no mp_rank_*_model_states.pt (not a DeepSpeed checkpoint?)")
-        module = torch.load(files[0], map_location="cpu", weights_only=True)["module"]
+            raise ckpt.CheckpointError(f"{checkpoint.path}: no {ZERO0_MODULE} (not a DeepSpeed checkpoint?)")
+        module = torch.load(store.local_path(files[0]), map_location="cpu", weights_only=True)["module"]
         return {k: v.float() for k, v in module.items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return dict(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.path.parent), tag=checkpoint.tag))
 
 
-def consolidate(checkpoint_path: str | Path, out: str | Path, log=print) -> Path:
-    from safetensors.torch import load_file, save_file
-
-    from pipeline.export import resolve_checkpoint
-
-    checkpoint = resolve_checkpoint(checkpoint_path)  # verified against COMMIT
-    stage = checkpoint.trainer_state().get("zero_stage")
+def zero_stage_of(checkpoint: ckpt.Committed) -> int:
+    """The ZeRO stage the checkpoint was written with (older ones: from its config.yaml)."""
+    stage = checkpoint.state().zero_stage
     if stage is None:
-        import yaml
+        stage = yaml.safe_load(checkpoint.storage.read_text(RunDir.CONFIG))["train"]["zero_stage"]
+    return stage
 
-        stage = yaml.safe_load((checkpoint.path / "config.yaml").read_text(encoding="utf-8"))["train"]["zero_stage"]
-    from pipeline.security import weights_only_loads
 
+def consolidate(checkpoint_path: str | Path, out: str | Path, log=print) -> Path:
+    from safetensors.torch import load, save
+
+    checkpoint = ckpt.resolve_checkpoint(checkpoint_path)  # verified against COMMIT
+    stage = zero_stage_of(checkpoint)
     with weights_only_loads(checkpoint.path):  # zero_to_fp32 would unpickle anything
         rebuilt = fp32_from_deepspeed(checkpoint, stage)
-    stored = load_file(str(checkpoint.path / "model.safetensors"))
+    stored = load(checkpoint.storage.read_bytes(ckpt.WEIGHTS))
     missing = sorted(set(stored) - set(rebuilt))
     if missing:
-        raise ckpt.CheckpointError(f"{checkpoint.path}: the DeepSpeed state lacks {missing[:5]} of model.safetensors")
+        raise ckpt.CheckpointError(f"{checkpoint.path}: the DeepSpeed state lacks {missing[:5]} of {ckpt.WEIGHTS}")
     differ = [k for k in stored if not torch.equal(stored[k], rebuilt[k].to(stored[k].dtype))]
     if differ:
         raise ckpt.CheckpointError(
-            f"{checkpoint.path}: weights rebuilt from the DeepSpeed state differ from model.safetensors in "
+            f"{checkpoint.path}: weights rebuilt from the DeepSpeed state differ from {ckpt.WEIGHTS} in "
             f"{len(differ)} tensors (first: {differ[0]}); the checkpoint is inconsistent"
         )
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    save_file({k: rebuilt[k].contiguous() for k in stored}, str(tmp), metadata={"step": str(checkpoint.step)})
-    os.replace(tmp, out)
+    tensors = save({k: rebuilt[k].contiguous() for k in stored}, metadata={"step": str(checkpoint.step)})
+    open_storage(out.parent).write_atomic(out.name, tensors)
     log(f"consolidate: {checkpoint.path} (ZeRO-{stage}) → {out}: {len(stored)} tensors rebuilt from the "
-        f"DeepSpeed state, identical to model.safetensors")
+        f"DeepSpeed state, identical to {ckpt.WEIGHTS}")
     return out

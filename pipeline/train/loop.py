@@ -4,7 +4,8 @@ One optimizer step: for each micro-batch, read this rank's samples (a pure funct
 ``consumed_samples``), forward, backward; before the last backward all ranks agree, in one small
 all-reduce, on the step's loss, whether any loss was non-finite, whether a preemption signal
 arrived and whether a time-based save is due. The guards (guards.py) may then reject the step,
-which DeepSpeed discards without touching weights or optimizer moments.
+which DeepSpeed discards without touching weights or optimizer moments. `SavePolicy` decides after
+each step whether a checkpoint is due; save and resume themselves live in resume.py.
 
 A loss-spike rollback rebuilds the engine from the newest committed checkpoint in the same
 process (the resume path, so it is exact) with the spiking batches marked as never to be trained on.
@@ -22,13 +23,15 @@ import numpy as np
 import torch
 
 from pipeline.config import PipelineConfig
+from pipeline.data.eras import Era
 from pipeline.data.loader import BlendedSamples, open_split, rank_positions
-from pipeline.data.manifest import manifest_sha256, verify_manifest
+from pipeline.data.manifest import Manifest, manifest_sha256, verify_manifest
 from pipeline.models import initial_model
 from pipeline.models.flops import param_count, train_flops_per_token
+from pipeline.rundir import RunDir
 from pipeline.tracking import NullTracker, Tracker
 from pipeline.train import checkpoint as ckpt
-from pipeline.train import guards, metrics
+from pipeline.train import guards, metrics, resume
 from pipeline.train import state as st
 from pipeline.train.engine import init_distributed, initialize, loss_scale, resolve_model_config, set_lr
 from pipeline.train.preemption import Preemption
@@ -67,7 +70,7 @@ class Run:
     rank: int
     world: int
     say: object
-    manifest: dict
+    manifest: Manifest
     manifest_sha: str
     train_data: BlendedSamples
     val_data: BlendedSamples
@@ -88,6 +91,53 @@ class Verdict:
     spike: bool = False
     zscore: float = 0.0
     rollback: list[int] | None = None  # spike_action rollback: [start, end) sample positions to skip
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one optimizer step came to, for `_Attempt.account`."""
+
+    verdict: Verdict
+    lr: float
+    grad_norm: float | None = None
+    skipped: bool = False  # the update was discarded (DeepSpeed's overflow skip or the ZeRO-0 hold)
+
+
+@dataclass(frozen=True)
+class Save:
+    """A save that is due: ``validate`` first or not, and whether training stops after it."""
+
+    validate: bool
+    stop: bool
+
+
+class SavePolicy:
+    """When a checkpoint is written, in one place: at the end step, every
+    ``checkpoint.save_interval_steps``, when ``checkpoint.save_interval_minutes`` passed on rank 0's
+    clock (all ranks agree on it in the step's all-reduce), and at once, without validation, when a
+    preemption signal arrived."""
+
+    def __init__(self, cfg: PipelineConfig, end_step: int, rank: int):
+        self.end_step, self.rank = end_step, rank
+        self.interval_steps = cfg.checkpoint.save_interval_steps
+        self.interval_minutes = cfg.checkpoint.save_interval_minutes
+        self.last_save = time.monotonic()
+
+    def clock_due(self) -> bool:
+        """This rank's vote on a time-based save (only rank 0's clock counts)."""
+        return self.rank == 0 and self.interval_minutes is not None and \
+            time.monotonic() - self.last_save >= 60 * self.interval_minutes
+
+    def due(self, step: int, verdict: Verdict) -> Save | None:
+        """After step ``step`` was trained: the save it calls for, if any."""
+        if verdict.preempt:
+            return Save(validate=False, stop=True)
+        if step == self.end_step or verdict.save_due or (self.interval_steps and step % self.interval_steps == 0):
+            return Save(validate=True, stop=False)
+        return None
+
+    def saved(self) -> None:
+        self.last_save = time.monotonic()
 
 
 def _agree(engine, losses: list[torch.Tensor], preempt: bool, save_due: bool) -> tuple[float, bool, bool, bool]:
@@ -121,9 +171,9 @@ def _build(run: Run) -> tuple[object, st.TrainState, object]:
     verdict: list = [None, None]
     if rank == 0:
         try:
-            plan = st.plan_resume(cfg, world, run.manifest_sha, verify=True, manifest=run.manifest)
+            plan = resume.plan_resume(cfg, world, run.manifest_sha, verify=True, manifest=run.manifest)
             if plan.universal:
-                st.convert_to_universal(plan.checkpoint, st.checkpoint_root(cfg), log=run.say)
+                resume.convert_to_universal(plan.checkpoint, RunDir(cfg.run_dir), log=run.say)
             verdict = [None, plan.checkpoint.tag if plan.checkpoint else None]
         except ckpt.CheckpointError as exc:
             verdict = [str(exc), None]
@@ -131,20 +181,20 @@ def _build(run: Run) -> tuple[object, st.TrainState, object]:
     if verdict[0]:
         raise ckpt.CheckpointError(verdict[0])
     if rank != 0:
-        plan = st.plan_resume(cfg, world, run.manifest_sha, verify=False, manifest=run.manifest)
+        plan = resume.plan_resume(cfg, world, run.manifest_sha, verify=False, manifest=run.manifest)
         if (plan.checkpoint.tag if plan.checkpoint else None) != verdict[1]:
             raise ckpt.CheckpointError(f"rank {rank} sees another newest checkpoint than rank 0 "
                                        f"({verdict[1]}): is {cfg.run_dir} on storage all nodes share?")
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-    model = initial_model(resolve_model_config(cfg.model, run.manifest["tokenizer"]["vocab_size"]))
+    model = initial_model(resolve_model_config(cfg.model, run.manifest.tokenizer.vocab_size))
     engine = initialize(model, cfg, world, load_universal=plan.universal)
     state = st.TrainState(data_manifest_sha256=run.manifest_sha)
     if plan.checkpoint is not None:
-        st.load(engine, plan, cfg, state, rank, world)
+        resume.load(engine, plan, cfg, state, rank, world)
     for span in run.pending_skips:
         if span not in state.skipped_batches:
             state.skipped_batches.append(span)
-    st.settle_eras(state, run.train_data, run.manifest_sha, cfg.train.seed, log=run.say)
+    run.train_data.eras = resume.settle_eras(state, run.train_data, run.manifest_sha, cfg.train.seed, log=run.say)
     return engine, state, plan.checkpoint
 
 
@@ -177,7 +227,7 @@ def _validate_and_save(run: Run, engine, state: st.TrainState, *, validate: bool
         val = validation_loss(engine, run.val_data, run.cfg, run.rank, run.world)
         run.tracker.log({"val/loss": val, "val/perplexity": float(np.exp(val))}, step=state.step)
         msg = f"validation loss {val:.4f}; "
-    path = st.save(engine, run.cfg, state, run.rank, run.world)
+    path = resume.save(engine, run.cfg, state, run.rank, run.world)
     run.say(f"step {state.step}: {msg}checkpoint committed: {path}")
     return path
 
@@ -190,8 +240,9 @@ class _Attempt:
         self.run, self.cfg, self.t = run, cfg, t
         self.engine, self.state, self.resumed = _build(run)
         if run.tracker is None:
-            Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-            run.tracker = (Tracker(cfg, Path(cfg.run_dir) / "metrics.jsonl", "train", run_id=self.state.wandb_run_id)
+            run_dir = RunDir(cfg.run_dir)
+            run_dir.storage.makedirs()
+            run.tracker = (Tracker(cfg, run_dir.metrics, "train", run_id=self.state.wandb_run_id)
                            if run.rank == 0 else NullTracker())
         self.state.wandb_run_id = run.tracker.run_id
         self.accum = cfg.gradient_accumulation_steps(run.world)
@@ -202,7 +253,7 @@ class _Attempt:
         self.flops_per_token = train_flops_per_token(self.engine.module.cfg, t.seq_len)
         self.peak = metrics.peak_tflops(t.peak_tflops_per_device, t.precision, metrics.device_name())
         self.hold_check = t.zero_stage == 0 and t.precision != "fp16"  # see guards.py
-        self.meter, self.last_save, self.lr, self.gnorm, self.held = metrics.Meter(), time.monotonic(), 0.0, None, False
+        self.meter, self.saves = metrics.Meter(), SavePolicy(cfg, self.end_step, run.rank)
 
     def announce(self) -> None:
         run, t, state = self.run, self.t, self.state
@@ -213,10 +264,10 @@ class _Attempt:
                 f"{self.flops_per_token / 1e6:.1f} MFLOP/token, train samples "
                 + ", ".join(f"{n}: {len(s)} (weight {w:g})" for n, s, w in zip(data.names, data.sources, data.weights))
                 + (f", resumed from {self.resumed.path} at step {state.step}" if self.resumed else ""))
-        eras = state.data_eras
-        if len(eras) > 1 and eras[-1]["start"] == state.next_trainable():  # the dataset grew: mark it
-            run.tracker.log({"data/era": len(eras) - 1, "data/train_samples": sum(eras[-1]["num_samples"]),
-                             "data/era_start_sample": eras[-1]["start"]}, step=state.step + 1)
+        newest = Era.from_json(state.data_eras[-1]) if len(state.data_eras) > 1 else None
+        if newest is not None and newest.start == state.next_trainable():  # the dataset grew: mark it
+            run.tracker.log({"data/era": len(state.data_eras) - 1, "data/train_samples": sum(newest.num_samples),
+                             "data/era_start_sample": newest.start}, step=state.step + 1)
         if state.step == 0 and self.resumed is None and not run.pending_skips:
             val = validation_loss(self.engine, run.val_data, self.cfg, run.rank, run.world)
             run.tracker.log({"val/loss": val, "val/perplexity": float(np.exp(val)), "world_size": run.world}, step=0)
@@ -224,66 +275,72 @@ class _Attempt:
 
     def train(self) -> Outcome:
         """Steps until the end (or stop_at_step), a preemption, or a rollback."""
-        run, state, ck = self.run, self.state, self.cfg.checkpoint
+        run, state = self.run, self.state
         self.announce()
         while state.step < self.end_step:
-            v = self.step()
-            if v.rollback is not None:
+            result = self.step()
+            if result.verdict.rollback is not None:
                 _release(self.engine)
-                return Outcome(state, rollback=v.rollback)
-            self.account(v)
-            if v.preempt:
+                return Outcome(state, rollback=result.verdict.rollback)
+            self.account(result)
+            save = self.saves.due(state.step, result.verdict)
+            if save is None:
+                continue
+            if save.stop:
                 run.say(f"step {state.step}: {run.preemption.signal_name or 'a peer rank was signalled'}: "
                         f"saving and stopping (preemption)")
-                _validate_and_save(run, self.engine, state, validate=False)
+            _validate_and_save(run, self.engine, state, validate=save.validate)
+            if save.stop:
                 run.preemption.disarm()
                 return Outcome(state, preempted=True)
-            if state.step == self.end_step or v.save_due or \
-                    (ck.save_interval_steps and state.step % ck.save_interval_steps == 0):
-                _validate_and_save(run, self.engine, state, validate=True)
-                run.pending_skips.clear()
-                self.last_save = time.monotonic()
-                self.meter.reset()
+            run.pending_skips.clear()
+            self.saves.saved()
+            self.meter.reset()
         return Outcome(state)
 
-    def step(self) -> Verdict:
+    def step(self) -> StepResult:
         """One optimizer step over this rank's share of the next global batch."""
-        run, state, engine, t = self.run, self.state, self.engine, self.t
+        state, engine, t = self.state, self.engine, self.t
         state.next_trainable()
         self.meter.start_step()
-        self.lr = set_lr(engine, self.cfg, state.step)
-        start, losses, self.skipped_before, self.held = state.consumed_samples, [], engine.skipped_steps, False
+        lr = set_lr(engine, self.cfg, state.step)
+        start, losses, skipped_before = state.consumed_samples, [], engine.skipped_steps
+        grad_norm, held = None, False
         for m in range(self.accum):
-            t0 = time.perf_counter()
-            src, ids = run.train_data.ids(rank_positions(start, m, run.rank, run.world, t.micro_batch_size_per_gpu))
-            state.sample_digest = st.digest_update(state.sample_digest, src, ids)
-            x, y = run.train_data.batch(src, ids)
-            self.meter.add_data_time(time.perf_counter() - t0)
-            loss = engine(x.to(engine.device), y.to(engine.device))
-            loss = run.faults.apply(loss, state.step + 1, start, start + t.global_batch_size)
+            loss = self.forward(start, m)
             losses.append(loss.detach())
-            if m == self.accum - 1:
+            last = m == self.accum - 1
+            if last:
                 v = self.judge(losses, start)
                 if v.rollback is not None:
-                    return v
+                    return StepResult(v, lr)
                 if v.nonfinite or (v.spike and t.spike_action == "skip"):
                     loss = guards.poison(loss)  # DeepSpeed (or the ZeRO-0 hold) discards the update
             engine.backward(loss)
-            if m == self.accum - 1 and self.hold_check:
-                self.gnorm, self.held = guards.hold_nonfinite_step(engine)
+            if last and self.hold_check:
+                grad_norm, held = guards.hold_nonfinite_step(engine)
             engine.step()
         if not self.hold_check:
-            self.gnorm = engine.get_global_grad_norm()
+            grad_norm = engine.get_global_grad_norm()
         state.step += 1
         state.consumed_samples = start + t.global_batch_size
-        return v
+        return StepResult(v, lr, grad_norm, held or engine.skipped_steps > skipped_before)
+
+    def forward(self, start: int, micro: int) -> torch.Tensor:
+        """The loss of this rank's micro-batch ``micro`` of the global batch at ``start`` (digested)."""
+        run, state, engine, t = self.run, self.state, self.engine, self.t
+        t0 = time.perf_counter()
+        src, ids = run.train_data.ids(rank_positions(start, micro, run.rank, run.world, t.micro_batch_size_per_gpu))
+        state.sample_digest = st.digest_update(state.sample_digest, src, ids)
+        x, y = run.train_data.batch(src, ids)
+        self.meter.add_data_time(time.perf_counter() - t0)
+        loss = engine(x.to(engine.device), y.to(engine.device))
+        return run.faults.apply(loss, state.step + 1, start, start + t.global_batch_size)
 
     def judge(self, losses: list[torch.Tensor], start: int) -> Verdict:
         """Before the last backward: what all ranks agree on, and whether the loss spiked."""
-        t, ck, run = self.t, self.cfg.checkpoint, self.run
-        save_due = run.rank == 0 and ck.save_interval_minutes is not None and \
-            time.monotonic() - self.last_save >= 60 * ck.save_interval_minutes
-        v = Verdict(*_agree(self.engine, losses, run.preemption.requested, save_due))
+        t, run = self.t, self.run
+        v = Verdict(*_agree(self.engine, losses, run.preemption.requested, self.saves.clock_due()))
         if v.nonfinite or t.spike_action == "off" or not self.detector.is_spike(v.loss):
             return v
         v.spike, v.zscore = True, guards.spike_zscore(self.detector.history, v.loss)
@@ -295,10 +352,10 @@ class _Attempt:
             v.rollback = [start, start + t.spike_skip_batches * t.global_batch_size]
         return v
 
-    def account(self, v: Verdict) -> None:
+    def account(self, result: StepResult) -> None:
         """Count the step as applied or skipped (maybe halting), feed the spike window, log."""
-        state, t = self.state, self.t
-        if self.held or self.engine.skipped_steps > self.skipped_before:
+        state, t, v = self.state, self.t, result.verdict
+        if result.skipped:
             reason = "spike" if v.spike else "nonfinite" if v.nonfinite or t.precision != "fp16" else "overflow"
             self.run.say(f"step {state.step}: update skipped ({reason}); weights and optimizer state unchanged")
             self.skips.skipped(reason, state.step)
@@ -310,8 +367,8 @@ class _Attempt:
         state.spike_history, state.skip_counts = self.detector.history, self.skips.counts
         state.consecutive_skips = self.skips.consecutive
         if state.step % t.log_interval_steps == 0 or state.step == self.end_step:
-            _log_window(self.run, self.engine, state, self.meter, self.lr, self.gnorm, self.skips, self.end_step,
-                        self.flops_per_token, self.peak)
+            _log_window(self.run, self.engine, state, self.meter, result.lr, result.grad_norm, self.skips,
+                        self.end_step, self.flops_per_token, self.peak)
             self.meter.reset()
 
 

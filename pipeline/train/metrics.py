@@ -7,12 +7,15 @@ comparable across runs and launchers.
 
 from __future__ import annotations
 
+import functools
 import resource
 import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
+
+from pipeline.units import format_duration
 
 # Dense peak TFLOP/s per device (no sparsity) for the compute dtype. fp32 training runs its matmuls
 # in TF32 on Ampere and later (torch's allow_tf32 for cuDNN; set matmul precision "high" for GEMMs).
@@ -69,16 +72,8 @@ def throughput(*, steps: int, seconds: float, data_seconds: float, global_batch:
     return out
 
 
-def format_eta(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
-    d, rem = divmod(seconds, 86400)
-    h, rem = divmod(rem, 3600)
-    m, s = divmod(rem, 60)
-    if d:
-        return f"{d}d{h:02d}h"
-    if h:
-        return f"{h}h{m:02d}m"
-    return f"{m}m{s:02d}s"
+#: the console's ETA: "0m59s", "1h02m", "2d01h" (units.py holds the one duration formatter)
+format_eta = functools.partial(format_duration, style="compact")
 
 
 def console_line(step: int, max_steps: int, m: dict[str, float], eta_s: float | None) -> str:

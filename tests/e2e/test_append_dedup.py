@@ -11,9 +11,9 @@ import pytest
 
 from conftest import write_corpus
 from pipeline.config import load_config
-from pipeline.data.append import append
+from pipeline.data.append import append, prefer_prior
 from pipeline.data.dedup import Duplicate
-from pipeline.data.prepare import prefer_prior, prepare
+from pipeline.data.prepare import prepare
 from pipeline.data.shards import sha256_file
 
 pytestmark = pytest.mark.e2e

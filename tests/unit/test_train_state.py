@@ -7,7 +7,7 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.train import checkpoint as ckpt
-from pipeline.train.state import TrainState, plan_resume
+from pipeline.train.resume import TrainState, plan_resume
 
 pytestmark = pytest.mark.unit
 

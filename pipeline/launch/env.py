@@ -1,0 +1,27 @@
+"""What the environment says about how this process was started: by a launcher or not, which rank,
+which accelerator. Pure reads of ``os.environ`` (or a mapping given for tests); imports nothing of ours,
+so every launch module can use it without importing another."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+
+def under_launcher(env: Mapping[str, str] | None = None) -> bool:
+    """torchrun, deepspeed, accelerate and Ray Train set RANK; srun sets SLURM_PROCID."""
+    env = os.environ if env is None else env
+    return "RANK" in env or "SLURM_PROCID" in env
+
+
+def global_rank(env: Mapping[str, str] | None = None) -> str:
+    """This process's global rank under torchrun (RANK) or srun (SLURM_PROCID); "0" otherwise."""
+    env = os.environ if env is None else env
+    return env.get("RANK", env.get("SLURM_PROCID", "0"))
+
+
+def cpu_or_cuda() -> str:
+    """The DeepSpeed accelerator for ranks we start: cuda when this machine has one."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

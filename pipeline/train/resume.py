@@ -1,0 +1,254 @@
+"""Save and resume: how a run writes a checkpoint, and how it continues from the newest one.
+
+A checkpoint (train/checkpoint.py's commit protocol) carries the engine state (weights, optimizer
+moments), per-rank RNG states, ``model.safetensors``, the resolved ``config.yaml`` and
+``trainer_state.json`` (train/records.py's `TrainerState`: the loop's `TrainState` plus the world
+size, ZeRO stage, global batch and model it was written with). With them a resume continues bit for
+bit on the same world size.
+
+Before the engine is built, `plan_resume` reads the newest committed checkpoint and asks the one
+compatibility rule (train/compat.py) whether it can continue this run; the launching process asked
+the same rule before any rank started (security.verify_inputs).
+
+Resuming on a different number of ranks (same global batch), or switching between ZeRO-1 and
+ZeRO-2, goes through DeepSpeed universal checkpoints (ZeRO 1-3; a ZeRO-3 checkpoint stays ZeRO-3):
+rank 0 converts the committed checkpoint with ``deepspeed.checkpoint.ds_to_universal`` into the run
+directory's universal folder (RunDir.universal_dir) before the engine is built, every rank loads it
+with ``checkpoint.load_universal``, then rank 0 deletes the copy. ZeRO-0 checkpoints hold the full
+model and optimizer in one file and load on any world size directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+import pipeline
+from pipeline.config import PipelineConfig, to_yaml
+from pipeline.data.eras import Era, EraError, EraStream, check_growth
+from pipeline.data.manifest import Manifest
+from pipeline.models import state_dict_for_save
+from pipeline.rundir import RunDir
+from pipeline.storage import LocalStorage
+from pipeline.train import checkpoint as ckpt
+from pipeline.train import compat
+from pipeline.train.engine import UNIVERSAL_INFO
+from pipeline.train.records import TrainerState
+from pipeline.train.safe_load import weights_only_loads
+from pipeline.train.state import TrainState, empty_digest
+
+
+def rng_file(rank: int) -> str:
+    return f"rng_rank{rank}.pt"
+
+
+# ---------------------------------------------------------------------------------------- save
+
+
+def _weights(engine, zero_stage: int) -> dict[str, torch.Tensor] | None:
+    """Full fp32 weights on rank 0 (gathered from all ranks under ZeRO-3), None elsewhere."""
+    import deepspeed
+    import torch.distributed as dist
+
+    module = engine.module
+    params = list(module.parameters()) if zero_stage == 3 else []
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=zero_stage == 3):
+        if dist.get_rank() != 0:
+            return None
+        return state_dict_for_save(module)
+
+
+def trainer_state(state: TrainState, cfg: PipelineConfig, world: int, digests: list[str], model: dict) -> TrainerState:
+    """What ``trainer_state.json`` records: the loop's state, every rank's sample digest, and what
+    the checkpoint was written with (the compatibility rule reads these)."""
+    fields = asdict(state)
+    fields.pop("sample_digest")  # this rank's only; every rank's is in sample_digests
+    return TrainerState(**fields, world_size=world, sample_digests=digests, zero_stage=cfg.train.zero_stage,
+                        global_batch_size=cfg.train.global_batch_size, code_version=pipeline.__version__,
+                        model=model)
+
+
+def _write_shared_files(staged: LocalStorage, cfg: PipelineConfig, saved: TrainerState, weights) -> None:
+    """Rank 0: the files every reader of a checkpoint needs without DeepSpeed."""
+    from safetensors.torch import save as safetensors_bytes
+
+    staged.write_atomic(ckpt.WEIGHTS, safetensors_bytes(weights))
+    staged.write_atomic(RunDir.CONFIG, to_yaml(cfg))
+    staged.write_atomic(ckpt.TRAINER_STATE, saved.to_json())
+
+
+def save(engine, cfg: PipelineConfig, state: TrainState, rank: int, world: int) -> Path | None:
+    """Write and commit ``step_N`` (all ranks call this together); returns its path on rank 0."""
+    import torch.distributed as dist
+
+    run = RunDir(cfg.run_dir)
+    store = run.checkpoint_storage
+    staged = store.staging_for(ckpt.tag_for(state.step))
+    store.makedirs()
+    if rank == 0:
+        store.delete_tree(staged)  # an earlier attempt that died before its commit
+    dist.barrier()
+    engine.save_checkpoint(str(store.local_path()), tag=staged, client_state=UNIVERSAL_INFO, save_latest=False)
+    with store.child(staged).open_atomic(rng_file(rank)) as f:
+        torch.save({"torch": torch.get_rng_state()}, f)
+    digests = [None] * world
+    dist.all_gather_object(digests, state.sample_digest)
+    weights = _weights(engine, cfg.train.zero_stage)
+    final = None
+    if rank == 0:
+        saved = trainer_state(state, cfg, world, digests, engine.module.cfg.model_dump(mode="json"))
+        _write_shared_files(store.child(staged), cfg, saved, weights)
+    dist.barrier()  # every rank's files are written before the commit
+    if rank == 0:
+        final = ckpt.commit(run.checkpoints, store.path(staged), state.step, cfg.checkpoint.keep_last,
+                            cfg.checkpoint.keep_every_steps)
+    dist.barrier()
+    return final
+
+
+# ---------------------------------------------------------------------------------------- resume
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    """What the newest committed checkpoint needs from the engine before it is built."""
+
+    checkpoint: ckpt.Committed | None
+    saved: TrainerState | None
+    universal: bool  # load through a universal conversion (world size or ZeRO stage changed)
+
+
+def plan_resume(cfg: PipelineConfig, world: int, manifest_sha: str, verify: bool = True,
+                manifest: Manifest | None = None) -> ResumePlan:
+    """Read the newest committed checkpoint (``verify``: against its COMMIT hashes) and check with
+    `compat.resume_problems` that it can continue this run on the dataset ``manifest`` (whose sha256
+    is ``manifest_sha``); raise CheckpointError listing every problem."""
+    latest = ckpt.latest_committed(RunDir(cfg.run_dir).checkpoints, verify=verify)
+    if latest is None:
+        return ResumePlan(None, None, False)
+    saved = latest.state()
+    problems = compat.resume_problems(cfg, saved, manifest, manifest_sha)
+    if problems:
+        raise ckpt.CheckpointError(compat.describe(latest.path, problems))
+    stage = cfg.train.zero_stage
+    saved_stage = saved.zero_stage if saved.zero_stage is not None else stage
+    saved_world = saved.world_size if saved.world_size is not None else world
+    return ResumePlan(latest, saved, stage > 0 and (saved_world != world or saved_stage != stage))
+
+
+def convert_to_universal(checkpoint: ckpt.Committed, run: RunDir, log=print) -> Path:
+    """Rank 0: ``ds_to_universal`` of a committed checkpoint into ``run.universal_dir``.
+
+    Runs in this process with one worker (DeepSpeed's serial path: no fork of a process that holds
+    a process group); the other ranks wait at a barrier."""
+    import argparse
+    import contextlib
+    import io
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    store = run.checkpoint_storage
+    store.delete_tree(RunDir.UNIVERSAL)
+    store.makedirs(RunDir.UNIVERSAL)
+    out = run.universal_dir / checkpoint.tag
+    log(f"resume: converting {checkpoint.path} to a universal checkpoint (world size or ZeRO stage changed)")
+    args = argparse.Namespace(input_folder=str(checkpoint.path), output_folder=str(out), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False)
+    chatter = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(chatter):
+            ds_to_universal.main(args)
+    except Exception as exc:
+        raise ckpt.CheckpointError(
+            f"{checkpoint.path}: conversion to a universal checkpoint failed: {type(exc).__name__}: {exc}"
+        ) from exc
+    return out
+
+
+def _saved_world(saved: TrainerState, world: int) -> int:
+    return saved.world_size if saved.world_size is not None else world
+
+
+def load(engine, plan: ResumePlan, cfg: PipelineConfig, state: TrainState, rank: int, world: int) -> None:
+    """Load the planned checkpoint into ``engine`` and ``state`` (all ranks together)."""
+    import torch.distributed as dist
+
+    latest, run = plan.checkpoint, RunDir(cfg.run_dir)
+    if plan.universal:
+        engine.load_checkpoint(str(run.universal_dir), tag=latest.tag, load_module_strict=True,
+                               load_lr_scheduler_states=False)
+        dist.barrier()
+        if rank == 0:
+            run.checkpoint_storage.delete_tree(RunDir.UNIVERSAL)
+    else:
+        with weights_only_loads(latest.path):  # DeepSpeed itself would unpickle anything
+            engine.load_checkpoint(str(latest.path.parent), tag=latest.tag, load_module_strict=True,
+                                   load_lr_scheduler_states=False)
+    store = latest.storage
+    if _saved_world(plan.saved, world) == world and store.exists(rng_file(rank)):
+        # a refused pickle: an error naming the file
+        with weights_only_loads(latest.path), store.open_read(rng_file(rank)) as f:
+            torch.set_rng_state(torch.load(f, weights_only=True)["torch"])
+    restore(state, plan.saved, rank, world)
+
+
+def restore(state: TrainState, saved: TrainerState, rank: int, world: int) -> None:
+    """The loop's state from ``trainer_state.json``; a new world size closes the digest segment."""
+    state.step, state.consumed_samples = saved.step, saved.consumed_samples
+    state.wandb_run_id = saved.wandb_run_id
+    state.skipped_batches = [list(r) for r in saved.skipped_batches]
+    state.skip_counts = dict(saved.skip_counts)
+    state.consecutive_skips = saved.consecutive_skips
+    state.spike_history = list(saved.spike_history)
+    state.data_segments = [s.to_dict() for s in saved.data_segments]
+    state.data_eras = [dict(e) for e in saved.data_eras]
+    state.segment_start_step = saved.segment_start_step
+    saved_world, digests = _saved_world(saved, world), list(saved.sample_digests)
+    if saved_world == world and len(digests) == world:
+        state.sample_digest = digests[rank]
+    else:  # a new world size: close the old segment, start a new chain here
+        state.data_segments.append({"start_step": state.segment_start_step, "end_step": state.step,
+                                    "world_size": saved_world, "sample_digests": digests})
+        state.segment_start_step, state.sample_digest = state.step, empty_digest()
+
+
+# ---------------------------------------------------------------------------------------- data eras
+
+
+def settle_eras(state: TrainState, data, manifest_sha: str, seed: int, log=print) -> EraStream | None:
+    """Record the data eras of this run in ``state``; return the stream ``data``
+    (loader.BlendedSamples) must sample by, None while the run has one era (the plain blend).
+
+    A fresh run (or one that resumes on the same dataset) has one era. A run resumed on a dataset
+    grown by `prepare --append` starts a new era at the position it resumes from; positions before
+    it keep the mapping they were trained with (eras.py)."""
+    current = Era(0, manifest_sha, tuple(data.names), tuple(len(s) for s in data.sources), tuple(data.weights))
+    eras = [Era.from_json(e) for e in state.data_eras]
+    if not eras:
+        eras = [current]
+    elif eras[-1].manifest_sha256 == manifest_sha:
+        eras[-1] = replace(current, start=eras[-1].start)  # blend weights may have changed
+    else:
+        _grow(eras, replace(current, start=state.next_trainable()), log)
+    state.data_eras = [e.to_json() for e in eras]
+    return EraStream(eras, seed, data.names) if len(eras) > 1 else None
+
+
+def _grow(eras: list[Era], new: Era, log) -> None:
+    """Append the era of a grown dataset (in place), refusing one that would rewrite trained samples."""
+    if new.start == eras[-1].start:  # the last era never trained a sample: the new one replaces it
+        eras.pop()
+    try:
+        if eras:
+            check_growth(eras[-1], new)
+    except EraError as exc:
+        raise ckpt.CheckpointError(f"the dataset changed in a way that would rewrite trained samples: {exc}") \
+            from None
+    eras.append(new)
+    added = {n: m - dict(zip(eras[-2].sources, eras[-2].num_samples)).get(n, 0)
+             for n, m in zip(new.sources, new.num_samples)} if len(eras) > 1 else {}
+    log(f"data: the dataset grew since the last checkpoint; era {len(eras) - 1} starts at sample "
+        f"{new.start}: new training samples " + ", ".join(f"{n} +{a}" for n, a in added.items())
+        + " (what was consumed is not re-shuffled)")
