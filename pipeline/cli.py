@@ -175,6 +175,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of configs/demo.yaml")
     p.set_defaults(handler=cmd_demo)
+
+    p = sub.add_parser("presets", help="list the bundled presets (use one as `base: [NAME]` in any config)",
+                       description="Model sizes and demo configs shipped with the pipeline, with their "
+                       "parameter counts; any config, wherever it lives, builds on one with `base: [NAME]`.")
+    p.set_defaults(handler=cmd_presets)
+
+    p = sub.add_parser("init", help="print a commented starting config: pretrain init > my.yaml",
+                       description="Writes a commented config to standard output that builds on a preset "
+                       "(base: [NAME]) and names your corpora; `pretrain plan` it next.")
+    p.add_argument("--model", default="gpt2-small", metavar="PRESET",
+                   help="the model preset to build on (default gpt2-small; see `pretrain presets`)")
+    p.add_argument("--data", nargs="+", default=[], metavar="PATH", help="corpus files or folders (sources)")
+    p.set_defaults(handler=cmd_init)
     return parser
 
 
@@ -294,6 +307,20 @@ def cmd_consolidate(args) -> int:
     return 0
 
 
+def cmd_presets(args) -> int:
+    from pipeline.presets import format_presets
+
+    print(format_presets())
+    return 0
+
+
+def cmd_init(args) -> int:
+    from pipeline.presets import starting_config
+
+    print(starting_config(args.model, args.data), end="")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from pipeline.demo import run_demo
 
@@ -309,6 +336,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"pretrain {args.command}: {'error: ' if exc.prefix_error else ''}{exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:  # `pretrain plan … | head`: the reader left; nothing more to say
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

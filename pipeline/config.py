@@ -4,8 +4,10 @@ Every section forbids unknown keys, so a typo fails at load time naming the fiel
 silently ignored. The DeepSpeed JSON is generated from this tree (``train/engine.py``); users never
 write it by hand.
 
-A YAML file may name other files under ``base:`` (paths relative to that file); they are merged
-first, in order, and the file's own keys win. A base must resolve (symlinks followed) inside the
+A YAML file may name other files under ``base:``; they are merged first, in order, and the file's
+own keys win. An entry is a bundled preset by name (``gpt2-tiny``: ``pretrain presets`` lists them),
+or a path relative to the including file, or one relative to the bundled ``configs/``
+(``models/gpt2-tiny.yaml``) when no such file is beside it. A base must resolve (symlinks followed) inside the
 folder of the config named on the command line or inside the bundled ``configs/`` presets: a
 config from elsewhere cannot make the loader read, and echo in its errors, any file on the machine. ``--set a.b=value`` overrides are applied last, with
 ``value`` parsed as YAML (``--set train.max_steps=10``, ``--set optim.betas=[0.9,0.95]``).
@@ -699,6 +701,35 @@ def _parse_yaml(path: Path) -> Any:
         raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
 
 
+def preset_files() -> dict[str, Path]:
+    """Name → file of every bundled preset: ``gpt2-tiny`` is ``configs/models/gpt2-tiny.yaml``."""
+    return {p.stem: p for p in sorted(PRESETS_DIR.rglob("*.yaml"))}
+
+
+def find_preset(name: str, where: str = "base") -> Path:
+    """The file of preset ``name``; a ConfigError with the nearest names when there is none."""
+    import difflib
+
+    files = preset_files()
+    if name in files:
+        return files[name]
+    close = difflib.get_close_matches(name, list(files), n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(close)}?" if close else "`pretrain presets` lists them"
+    raise ConfigError(f"{where}: no bundled preset named {name!r} ({hint})")
+
+
+def _base_path(including: Path, base: str) -> Path:
+    """Where a ``base:`` entry points: a bundled preset by name (``gpt2-tiny``), else a path relative
+    to the including file, else one relative to the bundled presets (``models/gpt2-tiny.yaml``)."""
+    if "/" not in base and not base.endswith((".yaml", ".yml")):
+        return find_preset(base, f"{including}: base").resolve()
+    beside = (including.parent / base).resolve()
+    if beside.exists() or Path(base).is_absolute():
+        return beside
+    bundled = (PRESETS_DIR / base).resolve()
+    return bundled if bundled.is_file() else beside
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = (), roots: tuple[Path, ...] = ()) -> dict:
     path = path.resolve()
     if path in seen:
@@ -714,7 +745,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = (), roots: tuple[Path, ...] 
     roots = roots or (path.parent, PRESETS_DIR.resolve())
     merged: dict = {}
     for base in bases:
-        base_path = (path.parent / str(base)).resolve()
+        base_path = _base_path(path, str(base))
         if not any(base_path.is_relative_to(r) for r in roots):
             raise ConfigError(
                 f"{path}: base {str(base)!r} resolves to {base_path}, outside the config's folder {roots[0]} "
