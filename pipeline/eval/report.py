@@ -26,6 +26,8 @@ from pipeline.storage import open_storage
 PANELS = ("loss", "lr", "throughput", "eval_loss", "eval_acc")
 TITLES = {"loss": "Loss", "lr": "Learning rate", "throughput": "Throughput",
           "eval_loss": "Eval loss per checkpoint", "eval_acc": "Eval accuracy per checkpoint"}
+YLABELS = {"loss": "cross-entropy (nats/token)", "lr": "learning rate", "throughput": "tokens/s",
+           "eval_loss": "cross-entropy (nats/token)", "eval_acc": "accuracy"}
 
 
 def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -74,6 +76,8 @@ def _draw(ax, panel: str, metrics: list[dict], records: list[EvalRecord]) -> Non
                 line(*_eval_series(records, key), key.removeprefix("eval/"), marker="o")
     ax.set_title(TITLES[panel])
     ax.set_xlabel("training step")
+    ax.set_ylabel(YLABELS[panel])
+    ax.set_xlim(left=0)  # a single checkpoint at step 30 is drawn on 0…30, not on 28.5…31.5
     ax.grid(alpha=0.3)
     if drawn:
         ax.legend(fontsize=8)
@@ -98,10 +102,12 @@ def panel_svgs(metrics: list[dict], records: list[EvalRecord]) -> dict[str, str]
     return out
 
 
-def write_png(path: Path | io.BytesIO, metrics: list[dict], records: list[EvalRecord]) -> None:
+def write_png(path: Path | io.BytesIO, metrics: list[dict], records: list[EvalRecord], title: str = "") -> None:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(13, 11), layout="constrained")
+    if title:
+        fig.suptitle(title, fontsize=14)
     axes = fig.subplots(3, 2).ravel()
     for ax, panel in zip(axes, PANELS):
         _draw(ax, panel, metrics, records)
@@ -222,7 +228,8 @@ def _key_numbers(status: dict, metrics: list[dict], records: list[EvalRecord]) -
                        ("train/tokens_per_s", "recent tokens/s")):
         steps, values = series(metrics, key)
         if steps:
-            items.append((label, f"{_fmt(values[-1])} at step {steps[-1]:,}"))
+            shown = f"{values[-1]:,.0f}" if key.endswith("_per_s") else _fmt(values[-1])  # a rate: no decimals
+            items.append((label, f"{shown} at step {steps[-1]:,}"))
     if records:
         last = records[-1]
         items.append(("newest eval", f"step {last.step:,}: validation loss {_fmt(last.loss)}, "
@@ -230,6 +237,57 @@ def _key_numbers(status: dict, metrics: list[dict], records: list[EvalRecord]) -
         for name, m in last.tasks.items():
             items.append((f"task {name}", ", ".join(f"{k} {_fmt(v)}" for k, v in m.items())))
     return items
+
+
+def _wall_time(metrics: list[dict]) -> str:
+    times = [r["time"] for r in metrics if isinstance(r.get("time"), (int, float))]
+    if len(times) < 2:
+        return "unknown"
+    from pipeline.units import format_duration
+
+    return f"{format_duration(max(times) - min(times))} between the first and the last logged step"
+
+
+def _params(model, vocab: int | None) -> str:
+    from pipeline.models.flops import param_count
+    from pipeline.train.compat import resolve_model_config
+
+    if model.vocab_size is None and vocab is None:
+        return "? (vocabulary unknown: the dataset is not prepared)"
+    try:
+        resolved = resolve_model_config(model, vocab) if vocab else model
+        return f"{param_count(resolved) / 1e6:,.2f}M (vocabulary {resolved.padded_vocab_size:,})"
+    except ValueError:
+        return "?"
+
+
+def run_card(cfg, metrics: list[dict], status: dict, vocab: int | None = None) -> list[tuple[str, str]]:
+    """What was trained, on what, how: model, parameters, tokens, data blend, hyperparameters,
+    wall time, hardware (from the resolved config, the training log and the tokenizer's ``vocab``)."""
+    m, t, o = cfg.model, cfg.train, cfg.optim
+    resolved = next((r for r in metrics if r.get("world_size")), {})
+    params = _params(m, vocab)
+    blend = ", ".join(f"{s.resolved_name} (weight {s.weight:g})" for s in cfg.data.sources) or "see the data section"
+    world = resolved.get("world_size", "?")
+    try:
+        accum = cfg.gradient_accumulation_steps(world) if isinstance(world, int) else "?"
+    except ValueError:
+        accum = "?"
+    peak = max((r["train/peak_memory_gib"] for r in metrics if isinstance(r.get("train/peak_memory_gib"), float)),
+               default=None)
+    return [
+        ("model", f"{m.arch}, {m.n_layer} layers × d_model {m.d_model}, {m.n_head} heads, "
+                  f"max sequence {m.max_seq_len:,}; parameters {params}"),
+        ("tokens", f"{_fmt(status.get('tokens_done'))} trained of a budget of {_fmt(status.get('tokens_budget'))} "
+                   f"({t.max_steps:,} steps × {t.global_batch_size:,} sequences × {t.seq_len:,} tokens)"),
+        ("data blend", blend),
+        ("optimizer", f"AdamW lr {o.lr:g}, betas {tuple(o.betas)}, weight decay {o.weight_decay:g}, "
+                      f"warmup {o.warmup_steps:,} steps, {o.schedule} schedule"),
+        ("batch", f"global {t.global_batch_size:,} = micro {t.micro_batch_size_per_gpu} × accumulation {accum} × "
+                  f"world size {world}; ZeRO-{t.zero_stage}, {t.precision}"),
+        ("wall time", _wall_time(metrics)),
+        ("hardware", f"world size {world}" + (f", peak memory {peak:.2f} GiB per rank" if peak is not None else "")),
+    ]
 
 
 CSS = """body{font-family:system-ui,sans-serif;margin:24px;max-width:1300px;color:#222}
@@ -253,6 +311,7 @@ def render_html(run_dir: Path, png_name: str) -> str:
     numbers = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>"
                       for k, v in _key_numbers(status, metrics, records))
     plots = "".join(f'<div class="plot" id="plot-{p}">{svgs[p]}</div>' for p in PANELS)
+    card = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in run_card(cfg, metrics, status, manifest.tokenizer.vocab_size if manifest else None))
     wandb = (f"project <b>{html.escape(cfg.tracking.project)}</b>, group "
              f"<b>{html.escape(cfg.tracking.group or cfg.name)}</b>, training run "
              f"<code>{html.escape(str(status.get('wandb_run_id')))}</code>, eval runs "
@@ -264,6 +323,7 @@ def render_html(run_dir: Path, png_name: str) -> str:
 <h1>{html.escape(title)}</h1>
 <p>{html.escape(cfg.model.arch.upper())} · {html.escape(str(run_dir))} · generated
 {time.strftime('%Y-%m-%d %H:%M:%S')} · W&amp;B: {wandb} · plots also in {html.escape(png_name)}</p>
+<h2>Run card</h2><dl id="run-card">{card}</dl>
 <h2>Key numbers</h2><dl id="key-numbers">{numbers}</dl>
 <h2>Curves</h2><div class="plots">{plots}</div>
 <h2>Evaluation per checkpoint</h2><div id="eval-table">{_eval_section(records)}</div>
@@ -279,7 +339,9 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, log=print) 
     png_path = html_path.with_suffix(".png")
     page = render_html(run_dir, png_path.name)
     png = io.BytesIO()
-    write_png(png, read_jsonl(RunDir(run_dir).metrics), load_records(run_dir))
+    cfg = run_config(run_dir)
+    write_png(png, read_jsonl(RunDir(run_dir).metrics), load_records(run_dir),
+              title=f"{cfg.name} — {run_dir}" if cfg is not None else str(run_dir))
     store = open_storage(html_path.parent)
     store.write_atomic(png_path.name, png.getvalue())
     store.write_atomic(html_path.name, page)
