@@ -162,8 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ranks in total (default: launch.nodes × launch.gpus_per_node, or "
                    "train.nproc_per_node on CPU)")
     p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation to assume (default 0.4)")
-    p.add_argument("--peak-tflops", type=float, default=989.0,
-                   help="peak TFLOPs per GPU at the training precision (default 989: H100 SXM dense bf16)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="peak TFLOPs per rank at the training precision (default: 989, H100 SXM dense bf16, "
+                   "for GPU runs; measured on this machine for CPU runs, launch.gpus_per_node 0)")
     p.set_defaults(handler=cmd_plan)
 
     p = sub.add_parser("demo", help="the whole flow on the bundled demo corpus, offline, CPU is fine",
@@ -295,7 +296,7 @@ def cmd_plan(args) -> int:
     world = args.world_size or cfg.launch.nodes * cfg.launch.ranks_per_node(cfg.train)
     if world < 1:
         raise ConfigError(f"--world-size must be positive, got {world}")
-    if not 0 < args.mfu <= 1 or args.peak_tflops <= 0:
+    if not 0 < args.mfu <= 1 or (args.peak_tflops is not None and args.peak_tflops <= 0):
         raise ConfigError(f"--mfu must be in (0, 1] and --peak-tflops positive, got {args.mfu}, {args.peak_tflops}")
     return run_plan(cfg, world, args.mfu, args.peak_tflops)
 

@@ -637,9 +637,13 @@ class PipelineConfig(Section):
                 f"({self.model.max_seq_len})"
             )
         if self.train.global_batch_size % self.train.micro_batch_size_per_gpu:
+            g, m = self.train.global_batch_size, self.train.micro_batch_size_per_gpu
+            micros = sorted((d for d in range(1, g + 1) if g % d == 0), key=lambda d: (abs(d - m), -d))[:2]
+            batches = sorted({b for b in ((g // m) * m, (g // m + 1) * m) if b > 0})
             raise ValueError(
-                f"train.global_batch_size ({self.train.global_batch_size}) must be a multiple of "
-                f"train.micro_batch_size_per_gpu ({self.train.micro_batch_size_per_gpu})"
+                f"train.global_batch_size ({g}) must be a multiple of train.micro_batch_size_per_gpu ({m}); "
+                f"nearest valid: micro_batch_size_per_gpu {' or '.join(map(str, sorted(micros)))}, or "
+                f"global_batch_size {' or '.join(map(str, batches))}"
             )
         return self
 

@@ -31,6 +31,9 @@ from typing import TYPE_CHECKING
 
 from pipeline.config import ConfigError, ModelConfig, PipelineConfig, TrainConfig
 from pipeline.models.flops import param_count, train_flops_per_token
+from pipeline.plan_advice import (
+    RECOMPUTE_FACTOR, batch_suggestions, epochs_per_source, global_batch_suggestions, measured_tokens_per_s,
+)
 from pipeline.rundir import DatasetDir, RunDir
 from pipeline.units import format_duration
 
@@ -159,6 +162,8 @@ def estimate(cfg: PipelineConfig, world_size: int, mfu: float = 0.4, peak_tflops
     tokens_per_step = train.global_batch_size * train.seq_len
     tokens_total = train.max_steps * tokens_per_step
     seconds = tokens_total * flops_per_token / (world_size * peak_tflops * 1e12 * mfu)
+    if model.activation_checkpointing:  # each block's forward runs twice
+        seconds *= RECOMPUTE_FACTOR
     return Estimate(
         world_size=world_size,
         params=param_count(model),
@@ -260,10 +265,25 @@ def _resolve_vocab(cfg: PipelineConfig, manifest: Manifest | None, checks: list[
             cfg = cfg.model_copy(update={"model": resolve_model_config(cfg.model, vocab)})
         except ConfigError as exc:
             checks.append(Check("model", False, str(exc)))
-    if cfg.model.vocab_size is None:
-        checks.append(Check("model", False, "model.vocab_size is unset and no prepared tokenizer gives it; "
-                            "set model.vocab_size (e.g. --set model.vocab_size=50257) for an estimate"))
+    if cfg.model.vocab_size is None and vocab is None:
+        target, where = _configured_vocab(cfg)
+        cfg = cfg.model_copy(update={"model": resolve_model_config(cfg.model, target)})
+        checks.append(Check("model", True, f"vocabulary {target:,} from {where} (the data is not prepared yet)"))
     return cfg
+
+
+def _configured_vocab(cfg: PipelineConfig) -> tuple[int, str]:
+    """The vocabulary the tokenizer will have: data.tokenizer.path's, else data.tokenizer.vocab_size
+    (a trained tokenizer comes out at most that large)."""
+    tok = cfg.data.tokenizer
+    if tok.path:
+        from pipeline.data.tokenizer import TokenizerError, load_tokenizer
+
+        try:
+            return load_tokenizer(tok.path).get_vocab_size(), f"data.tokenizer.path ({tok.path})"
+        except TokenizerError:
+            pass
+    return tok.vocab_size, "data.tokenizer.vocab_size"
 
 
 def preflight(cfg: PipelineConfig, world_size: int) -> tuple[PipelineConfig, list[Check]]:
@@ -275,11 +295,72 @@ def preflight(cfg: PipelineConfig, world_size: int) -> tuple[PipelineConfig, lis
         checks.append(Check("batch", True, f"{cfg.train.global_batch_size} = micro {cfg.train.micro_batch_size_per_gpu}"
                             f" × accumulation {accum} × world size {world_size}"))
     except ConfigError as exc:
-        checks.append(Check("batch", False, str(exc)))
+        checks.append(Check("batch", False, f"{exc}; {_batch_advice(cfg, world_size)}"))
     manifest = _check_data(cfg, checks)
     cfg = _resolve_vocab(cfg, manifest, checks)
     _check_checkpoint(cfg, manifest, checks)
     return cfg, checks
+
+
+def _manifest_or_none(cfg: PipelineConfig) -> Manifest | None:
+    from pipeline.data.manifest import ManifestError, read_manifest
+
+    try:
+        return read_manifest(cfg.data.output_dir)
+    except ManifestError:
+        return None
+
+
+def _batch_advice(cfg: PipelineConfig, world: int) -> str:
+    t = cfg.train
+    pairs = batch_suggestions(t.global_batch_size, t.micro_batch_size_per_gpu, world)
+    if pairs:
+        return "valid (micro-batch, accumulation) pairs nearest to yours: " + ", ".join(
+            f"train.micro_batch_size_per_gpu={m} (accumulation {a})" for m, a in pairs)
+    sizes = global_batch_suggestions(t.global_batch_size, t.micro_batch_size_per_gpu, world)
+    return "no micro-batch divides it on this world size; nearest global batch sizes: " + ", ".join(
+        f"train.global_batch_size={b}" for b in sizes)
+
+
+def for_estimate(cfg: PipelineConfig, world: int) -> tuple[PipelineConfig, str]:
+    """The config the estimate is made for: as it is, or, when its batch split does not divide, with
+    the nearest valid micro-batch (and a note saying so)."""
+    try:
+        cfg.gradient_accumulation_steps(world)
+        return cfg, ""
+    except ConfigError:
+        pairs = batch_suggestions(cfg.train.global_batch_size, cfg.train.micro_batch_size_per_gpu, world)
+        if not pairs:
+            return cfg, ""
+        train = cfg.train.model_copy(update={"micro_batch_size_per_gpu": pairs[0][0]})
+        return cfg.model_copy(update={"train": train}), (f"(the estimate below uses micro-batch {pairs[0][0]}, "
+                                                         f"accumulation {pairs[0][1]}: the nearest valid split)")
+
+
+def epochs_line(cfg: PipelineConfig, manifest: Manifest | None) -> str | None:
+    """``epochs       web 0.42 passes (weight 3), books 3.70 passes (weight 1): repeats data``."""
+    if manifest is None or "train" not in manifest.splits:
+        return None
+    tokens = {n: s.tokens for n, s in manifest.splits["train"].sources.items()}
+    epochs = epochs_per_source(cfg, tokens)
+    if not epochs:
+        return None
+    weights = {s.resolved_name: s.weight for s in cfg.data.sources}
+    parts = [f"{n} {e:,.2f} passes (weight {weights.get(n, 1.0):g})" for n, e in epochs.items()]
+    repeat = [n for n, e in epochs.items() if e > 1]
+    tail = f": repeats {', '.join(repeat)}" if repeat else ""
+    return "epochs       " + ", ".join(parts) + tail
+
+
+def measured_line(cfg: PipelineConfig, est: Estimate) -> str | None:
+    """A time estimate from this run's own logged throughput, when it has trained before."""
+    from pipeline.eval.records import read_jsonl
+
+    rate = measured_tokens_per_s(read_jsonl(RunDir(cfg.run_dir).metrics))
+    if not rate:
+        return None
+    return (f"measured     {rate:,.0f} tokens/s logged by this run: {_duration(est.tokens_total / rate)} for "
+            f"all {cfg.train.max_steps:,} steps at that rate")
 
 
 def _gib(n: int) -> str:
@@ -311,7 +392,7 @@ def format_report(cfg: PipelineConfig, est: Estimate) -> str:
         f"not included)",
         f"tokens       {t.max_steps:,} steps × {est.tokens_per_step:,} = {est.tokens_total:,} "
         f"({est.tokens_total / 1e9:,.3f} B)",
-        f"time         {_duration(est.seconds)} at MFU {est.mfu:.0%} of {est.peak_tflops:g} TFLOPs per GPU "
+        f"time         {_duration(est.seconds)} at MFU {est.mfu:.0%} of {est.peak_tflops:.3g} TFLOPs per rank "
         f"({gpu_hours:,.1f} GPU-hours)",
     ]
     if t.precision == "fp32" and est.peak_tflops >= 300:
@@ -320,15 +401,34 @@ def format_report(cfg: PipelineConfig, est: Estimate) -> str:
     return "\n".join(lines)
 
 
-def run_plan(cfg: PipelineConfig, world_size: int, mfu: float, peak_tflops: float, out=print) -> int:
+def resolve_peak(cfg: PipelineConfig, peak_tflops: float | None) -> tuple[float, str]:
+    """The peak TFLOP/s per rank to estimate with: given, else measured on this CPU for a CPU run
+    (launch.gpus_per_node 0), else an H100's dense 16-bit peak."""
+    if peak_tflops is not None:
+        return peak_tflops, ""
+    if cfg.launch.gpus_per_node == 0:
+        from pipeline.plan_advice import cpu_peak_tflops
+
+        ranks = cfg.train.nproc_per_node
+        peak = cpu_peak_tflops() / ranks
+        return peak, (f"note         a CPU run (launch.gpus_per_node 0): peak {peak * 1e3:,.1f} GFLOP/s per rank, "
+                      f"measured here (fp32 matmul, this machine's cores shared by {ranks} rank(s))")
+    return 989.0, ""
+
+
+def run_plan(cfg: PipelineConfig, world_size: int, mfu: float, peak_tflops: float | None, out=print) -> int:
     """Print the checks and the estimate; 0 when nothing blocks the run, 1 otherwise."""
     cfg, checks = preflight(cfg, world_size)
     for c in checks:
         mark = "ok  " if c.ok else ("FAIL" if c.blocking else "warn")
         out(f"[{mark}] {c.what:<10} {c.detail}")
-    if cfg.model.vocab_size is not None and all(c.ok or c.what != "batch" for c in checks):
+    est_cfg, note = for_estimate(cfg, world_size)
+    if est_cfg.model.vocab_size is not None and (note or all(c.ok or c.what != "batch" for c in checks)):
+        peak, peak_note = resolve_peak(cfg, peak_tflops)
+        est = estimate(est_cfg, world_size, mfu, peak)
         out("")
-        out(format_report(cfg, estimate(cfg, world_size, mfu, peak_tflops)))
+        out("\n".join(line for line in (note, format_report(est_cfg, est), peak_note, measured_line(cfg, est),
+                                          epochs_line(cfg, _manifest_or_none(cfg))) if line))
     failed = [c for c in checks if not c.ok and c.blocking]
     if failed:
         out(f"\nplan: {len(failed)} problem(s) above must be fixed before this run can start")
