@@ -310,8 +310,9 @@ def _summary(result: EvalRecord, where) -> str:
     val = result.splits.get("validation")
     loss, ppl = (val.loss, val.perplexity) if val else (float("nan"), float("nan"))
     extras = "".join(f", {name} acc {m['acc']:.3f}" for name, m in result.tasks.items() if "acc" in m)
-    extras += "".join(f", lm-eval {name} {k} {m[k]:.3f}" for name, m in result.lm_eval.items()
-                      for k in list(m)[:1] if k != "examples")
+    for name, m in result.lm_eval.items():
+        key = "acc" if "acc" in m else next((k for k in m if k != "examples" and "stderr" not in k), None)
+        extras += f", lm-eval {name} {key} {m[key]:.3f}" if key else ""
     return (f"eval: step {result.step}: validation loss {loss:.4f}, perplexity {ppl:.2f}{extras} "
             f"in {result.seconds}s → {where}")
 

@@ -40,7 +40,7 @@ def require_lm_eval() -> None:
     if importlib.util.find_spec("lm_eval") is None:
         raise EvalError(
             "--lm-eval needs EleutherAI's lm-evaluation-harness, which is not installed in this "
-            "environment: `pip install 'lm-eval[hf]>=0.4.9'` (or this project's `[lm-eval]` extra). Its "
+            "environment: `pip install 'lm-eval[hf]>=0.4.13'` (or this project's `[lm-eval]` extra). Its "
             "registered tasks download their data from the Hugging Face Hub; local task YAMLs "
             "(tasks/*.yaml) need no network. The built-in zero-shot tasks (--tasks FILE.jsonl) need neither."
         )
