@@ -5,7 +5,6 @@ found beside them, and a task that cannot be loaded is one ConfigError line nami
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
