@@ -74,9 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate committed checkpoints (the newest, or --watch: each new one)",
                        description="Scores a committed checkpoint (loss, perplexity and token accuracy per "
-                       "split and source; BERT: masked-LM accuracy; zero-shot --tasks), writes eval.json "
-                       "beside it and logs to the run's W&B project and group. See docs/evaluation.md.")
-    p.add_argument("run_dir", help="the run directory (train's run_dir)")
+                       "split and source; BERT: masked-LM accuracy; zero-shot --tasks; lm-evaluation-harness "
+                       "--lm-eval), writes eval.json beside it and logs to the run's W&B project and group, "
+                       "in the one eval run of the training run. See docs/evaluation.md.")
+    p.add_argument("run_dir", help="the run directory (train's run_dir), or one of its checkpoint directories")
     p.add_argument("--checkpoint", type=int, default=None, metavar="STEP",
                    help="evaluate this step instead of the newest")
     p.add_argument("--watch", action="store_true",
@@ -88,8 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--watch: stop once a checkpoint at or past STEP is evaluated (default: train.max_steps)")
     p.add_argument("--tasks", nargs="+", default=[], metavar="FILE",
                    help="zero-shot task files, jsonl: cloze or multiple choice (GPT only; e.g. tasks/*.jsonl)")
-    p.add_argument("--lm-eval", default=None, metavar="TASKS",
-                   help="also run lm-eval-harness tasks, comma-separated (needs `pip install lm-eval`)")
+    p.add_argument("--lm-eval", action="append", default=[], metavar="TASKS",
+                   help="also run lm-evaluation-harness tasks (GPT only): registered names, task YAML files "
+                   "(e.g. tasks/cloze_stdlib.yaml) or names in an --lm-eval-include folder; comma-separated, "
+                   "repeatable (needs `pip install lm-eval`)")
+    p.add_argument("--lm-eval-include", action="append", default=[], metavar="DIR",
+                   help="a folder of lm-eval task YAMLs whose task names --lm-eval may use (repeatable)")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--ray", action="store_true",
                    help="score each checkpoint in a Ray task (embedded Ray, or RAY_ADDRESS / --ray-address)")
@@ -115,8 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_status)
 
     p = sub.add_parser("export", help="write a committed checkpoint as a transformers model",
-                       description="Exports model.safetensors + config.json + tokenizer.json that "
-                       "transformers loads as GPT2LMHeadModel or BertForMaskedLM.")
+                       description="Exports model.safetensors, config.json, the tokenizer with its special "
+                       "tokens, generation_config.json and a model card (README.md) that transformers loads "
+                       "as GPT2LMHeadModel, LlamaForCausalLM, BertForMaskedLM or ModernBertForMaskedLM.")
     p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its newest checkpoint)")
     p.add_argument("--to", choices=["hf"], default="hf", help="target format (default: hf)")
     p.add_argument("out_dir", help="output directory")
@@ -221,9 +227,11 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from pipeline.eval.evaluate import EvalError, EvalOptions, evaluate
     from pipeline.eval.watch import watch
+    from pipeline.rundir import RunDir
 
-    options = EvalOptions(tasks=tuple(args.tasks), device=args.device,
-                          lm_eval_tasks=tuple(t for t in (args.lm_eval or "").split(",") if t.strip()))
+    lm_eval = tuple(t.strip() for arg in args.lm_eval for t in arg.split(",") if t.strip())
+    options = EvalOptions(tasks=tuple(args.tasks), device=args.device, lm_eval_tasks=lm_eval,
+                          lm_eval_include=tuple(args.lm_eval_include))
     ray = {"use_ray": args.ray, "ray_address": args.ray_address, "ray_gpus": args.ray_gpus}
     if not args.watch:
         if args.max_evals is not None or args.until_step is not None:
@@ -232,6 +240,9 @@ def cmd_eval(args) -> int:
         return 0
     if args.checkpoint is not None:
         raise EvalError("--checkpoint and --watch exclude each other (--watch evaluates every checkpoint)")
+    if RunDir.of_checkpoint(args.run_dir) is not None:
+        raise EvalError(f"{args.run_dir}: --watch takes the run directory (it evaluates every new checkpoint), "
+                        f"not one checkpoint")
     watch(args.run_dir, options, interval_s=args.interval_s, max_evals=args.max_evals,
           until_step=args.until_step, **ray)
     return 0
@@ -252,9 +263,12 @@ def cmd_status(args) -> int:
 
 
 def cmd_export(args) -> int:
+    import shlex
+
     from pipeline.export import export_hf
 
-    export_hf(args.checkpoint, args.out_dir)
+    command = shlex.join(["pretrain", "export", args.checkpoint, "--to", args.to, args.out_dir])
+    export_hf(args.checkpoint, args.out_dir, command=command)
     return 0
 
 

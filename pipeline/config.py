@@ -325,6 +325,18 @@ class ModelConfig(Section):
         "fully masked tiles (for CUDA; needs attn_dropout 0). Unmasked attention is fused either way.",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _shapes_from_init_from(cls, data, info):
+        """``init_from``: unset fields come from its config.json, a set one must agree (hf_fields.py).
+        Only for a config being loaded (load_config): a recorded config is already resolved, and its
+        init_from directory may be gone by the time the checkpoint is evaluated or exported."""
+        if isinstance(data, dict) and data.get("init_from") and (info.context or {}).get("resolve_init_from"):
+            from pipeline.hf_fields import fill_from_hf
+
+            return fill_from_hf(data)
+        return data
+
     @model_validator(mode="after")
     def _heads_divide_width(self) -> ModelConfig:
         if self.d_model % self.n_head:
@@ -819,9 +831,9 @@ def _format_error(exc: ValidationError, origin: str) -> str:
     return f"invalid config {origin}: " + "; ".join(lines)
 
 
-def build_config(raw: dict, origin: str = "") -> PipelineConfig:
+def build_config(raw: dict, origin: str = "", resolve_init_from: bool = False) -> PipelineConfig:
     try:
-        return PipelineConfig.model_validate(raw)
+        return PipelineConfig.model_validate(raw, context={"resolve_init_from": resolve_init_from})
     except ValidationError as exc:
         raise ConfigError(_format_error(exc, origin)) from None
 
@@ -831,7 +843,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
     raw: dict[str, Any] = _read_yaml(Path(path)) if path is not None else {}
     for assignment in overrides:
         apply_override(raw, assignment)
-    return build_config(raw, origin=f"({path})" if path else "(defaults)")
+    return build_config(raw, origin=f"({path})" if path else "(defaults)", resolve_init_from=True)
 
 
 def to_yaml(cfg: PipelineConfig) -> str:

@@ -87,6 +87,14 @@ class RunDir:
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / tag_for(step)
 
+    @classmethod
+    def of_checkpoint(cls, path: str | Path) -> RunDir | None:
+        """The run a checkpoint directory belongs to (RUN/checkpoints/step_N), None if it is not one."""
+        path = Path(path)
+        if step_of(path.name) is None or path.parent.name != cls.CHECKPOINTS:
+            return None
+        return cls(path.parent.parent)
+
     @property
     def universal_dir(self) -> Path:
         return self.checkpoints / self.UNIVERSAL

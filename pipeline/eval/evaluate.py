@@ -7,11 +7,13 @@ evenly spread samples of each source of each split:
 - loss, perplexity and top-1/top-5 accuracy of the predicted tokens: the next token for GPT, the
   masked tokens for BERT (masked exactly as training masks them: seeded by train.seed and sample id);
 - GPT only: zero-shot cloze and multiple-choice tasks from local jsonl files (tasks.py);
-- optionally lm-eval-harness tasks through the transformers export (harness.py).
+- GPT only, optionally: lm-evaluation-harness tasks, scored in this process by the same model
+  (harness.py says why not through the transformers export).
 
 ``score_checkpoint`` is the side-effect-free part (it runs inside a Ray task with ``--ray``);
-``EvalSession`` writes the records (records.py) and logs to the run's W&B project and group as one
-``eval`` run, plotted against the checkpoint's training step, with a table of every checkpoint.
+``EvalSession`` writes the records (records.py) and logs to the run's W&B project and group, in the
+one ``eval`` run every eval job of the training run resumes, plotted against the checkpoint's
+training step, with a table of every checkpoint and the checkpoint → eval lineage (tracking.py).
 """
 
 from __future__ import annotations
@@ -35,13 +37,14 @@ import pipeline
 from pipeline.config import ModelConfig, PipelineConfig
 from pipeline.data.loader import open_split
 from pipeline.data.manifest import Manifest, manifest_sha256, verify_manifest
+from pipeline.errors import ConfigError
 from pipeline.eval import EvalError
 from pipeline.eval.records import (EvalRecord, checkpoint_config, eval_lock, load_records, run_config,
                                    write_record)
 from pipeline.models import build_model, load_state_dict_tied
-from pipeline.rundir import DatasetDir, RunDir
+from pipeline.rundir import DatasetDir, RunDir, step_of
 from pipeline.storage import open_storage
-from pipeline.tracking import Tracker
+from pipeline.tracking import STEP_METRIC, Tracker, artifact_name, eval_run_id
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.compat import dataset_problem
 from pipeline.train.records import TrainerState
@@ -53,20 +56,42 @@ WANDB_JOB_TYPE = "eval"  # the W&B run of the eval jobs: job_type and name suffi
 @dataclass(frozen=True)
 class EvalOptions:
     tasks: tuple[str, ...] = ()  # zero-shot task files (jsonl)
-    lm_eval_tasks: tuple[str, ...] = ()  # lm-eval-harness task names
+    lm_eval_tasks: tuple[str, ...] = ()  # lm-eval-harness task names or task YAML files
+    lm_eval_include: tuple[str, ...] = ()  # folders of lm-eval task YAMLs, for names in lm_eval_tasks
     splits: tuple[str, ...] = ("validation", "train")
     device: str | None = None  # None: cuda when available, else cpu
 
 
 def check_options(options: EvalOptions) -> None:
-    """Fail before any model is loaded: unreadable task files, lm-eval missing."""
-    from pipeline.eval.harness import require_lm_eval
+    """Fail before any model is loaded: unreadable task files, lm-eval missing, an lm-eval task
+    that cannot be loaded (loading it reads its data, so a missing file or no network shows here)."""
     from pipeline.eval.tasks import load_task
 
     for path in options.tasks:
         load_task(path)
+    if options.lm_eval_include and not options.lm_eval_tasks:
+        raise ConfigError("--lm-eval-include DIR says where --lm-eval finds task names; name the tasks "
+                          "with --lm-eval TASK,...")
     if options.lm_eval_tasks:
-        require_lm_eval()
+        from pipeline.eval.harness import load_tasks
+
+        load_tasks(options.lm_eval_tasks, options.lm_eval_include)
+
+
+def locate(path: str | Path, step: int | None = None) -> tuple[Path, int | None]:
+    """(run directory, step) of ``pretrain eval PATH``: PATH is a run directory, or one of its
+    checkpoint directories (RUN/checkpoints/step_N, which names the step)."""
+    path = Path(path)
+    run = RunDir.of_checkpoint(path)
+    if run is None:
+        if open_storage(path).exists(ckpt.COMMIT):
+            raise EvalError(f"{path}: a checkpoint outside a run directory (expected RUN/{RunDir.CHECKPOINTS}/"
+                            f"step_N); eval writes its records into the run, so give it the run directory")
+        return path, step
+    own = step_of(path.name)
+    if step is not None and step != own:
+        raise EvalError(f"{path} is the checkpoint of step {own}, but --checkpoint says {step}; give one of them")
+    return run.root, own
 
 
 def find_checkpoint(run_dir: str | Path, step: int | None = None) -> ckpt.Committed:
@@ -182,17 +207,18 @@ def score_checkpoint(checkpoint_path: str | Path, options: EvalOptions) -> EvalR
     model = load_model(path, model_cfg, device)
     splits = {s: split_metrics(model, cfg, data_dir, manifest, s, device)
               for s in options.splits if s in manifest.splits}
-    tasks = _run_tasks(options.tasks, model, data_dir, manifest, model_cfg.max_seq_len,
-                       cfg.eval.micro_batch_size, device)
+    scoring = (model, _tokenizer(data_dir, manifest) if options.tasks or options.lm_eval_tasks else None,
+               manifest.tokenizer.eod_id, model_cfg.max_seq_len, cfg.eval.micro_batch_size, device)
+    tasks = _run_tasks(options.tasks, *scoring)
     lm_eval = {}
     if options.lm_eval_tasks:
         from pipeline.eval.harness import run_lm_eval
 
-        lm_eval = run_lm_eval(path, list(options.lm_eval_tasks), device, cfg.eval.micro_batch_size)
+        lm_eval = run_lm_eval(options.lm_eval_tasks, options.lm_eval_include, *scoring)
     headline = splits.get("validation") or next(iter(splits.values()))
     result = {
         "step": checkpoint.step, "checkpoint": str(path), "arch": arch,
-        "consumed_samples": state.consumed_samples,
+        "consumed_samples": state.consumed_samples, "train_run_id": state.wandb_run_id,
         "tokens_trained": state.consumed_samples * cfg.train.seq_len,
         "loss": headline["loss"], "perplexity": headline["perplexity"],
         "splits": splits, "tasks": tasks, "lm_eval": lm_eval,
@@ -203,14 +229,15 @@ def score_checkpoint(checkpoint_path: str | Path, options: EvalOptions) -> EvalR
     return EvalRecord.from_dict(result, f"(the eval record of {path})")
 
 
-def _run_tasks(files, model, data_dir: Path, manifest: Manifest, max_len: int, micro: int, device: str) -> dict:
-    if not files:
-        return {}
+def _tokenizer(data_dir: Path, manifest: Manifest):
     from pipeline.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(DatasetDir(data_dir).path(manifest.tokenizer.file))
+
+
+def _run_tasks(files, model, tokenizer, eod: int, max_len: int, micro: int, device: str) -> dict:
     from pipeline.eval.tasks import load_task, run_task
 
-    tokenizer = load_tokenizer(DatasetDir(data_dir).path(manifest.tokenizer.file))
-    eod = manifest.tokenizer.eod_id
     return {t.name: run_task(t, model, tokenizer, eod, max_len, micro, device) for t in map(load_task, files)}
 
 
@@ -237,30 +264,38 @@ def scorer(options: EvalOptions, use_ray: bool = False, ray_address: str | None 
 
 
 class EvalSession:
-    """One eval job's outputs: the records on disk and one W&B ``eval`` run in the training run's
-    project and group. Each job is its own W&B run (an offline run resumed by a later job would restart
-    its ``_step`` at 0 and collide on sync); the table in each holds every checkpoint evaluated so far."""
+    """One eval job's outputs: the records on disk, and the training run's one W&B ``eval`` run (in
+    its project and group), resumed by this job: its id is derived from the training run's id
+    (`tracking.eval_run_id`), so every eval job and every ``--watch`` restart adds to the same run.
+    Rows are plotted against ``train/step``; W&B's own ``_step`` is numbered by the tracker so that no
+    two jobs reuse one. The table holds every checkpoint evaluated so far."""
 
     def __init__(self, run_dir: str | Path, log=print):
         self.run_dir = Path(run_dir)
         self.log = log
         self.tracker: Tracker | None = None
 
-    def _tracker(self, cfg: PipelineConfig) -> Tracker:
+    def _tracker(self, cfg: PipelineConfig, train_run_id: str | None) -> Tracker:
         if self.tracker is None:
             cfg = cfg.model_copy(update={"run_dir": str(self.run_dir)})  # the run may have moved
             self.tracker = Tracker(cfg, RunDir(self.run_dir).eval_metrics, WANDB_JOB_TYPE,
-                                   step_metric="train/step")
+                                   run_id=eval_run_id(train_run_id, self.run_dir), step_metric=STEP_METRIC)
         return self.tracker
 
     def record(self, result: EvalRecord) -> EvalRecord:
         """Write eval.json (+ the run-level copy), then log the metrics and the checkpoint table."""
         # the run's config, not the checkpoint's: retention may delete the checkpoint any moment now
-        tracker = self._tracker(run_config(self.run_dir) or checkpoint_config(Path(result.checkpoint)))
+        tracker = self._tracker(run_config(self.run_dir) or checkpoint_config(Path(result.checkpoint)),
+                                result.train_run_id)
         result = result.model_copy(update={"wandb_run_id": tracker.run_id, "wandb_dir": tracker.run_dir})
         written = write_record(self.run_dir, result)
         columns, rows = checkpoint_table(load_records(self.run_dir))
+        if result.checkpoint is not None:  # lineage: this checkpoint → this eval → its record
+            tracker.use_checkpoint(result.checkpoint, result.train_run_id, self.run_dir)
         tracker.log(result.metrics, step=result.step, tables={TABLE_KEY: (columns, rows)})
+        record = RunDir(self.run_dir).eval_record(result.step)
+        tracker.log_output(artifact_name("eval", result.train_run_id, self.run_dir), "eval", record.parent,
+                           [record.name], result.step, {"loss": result.loss, "perplexity": result.perplexity})
         self.log(_summary(result, written or f"{RunDir(self.run_dir).eval_dir} (retention deleted the "
                                              f"checkpoint meanwhile)"))
         return result
@@ -274,7 +309,10 @@ class EvalSession:
 def _summary(result: EvalRecord, where) -> str:
     val = result.splits.get("validation")
     loss, ppl = (val.loss, val.perplexity) if val else (float("nan"), float("nan"))
-    extras = "".join(f", {name} acc {m['acc']:.3f}" for name, m in result.tasks.items())
+    extras = "".join(f", {name} acc {m['acc']:.3f}" for name, m in result.tasks.items() if "acc" in m)
+    for name, m in result.lm_eval.items():
+        key = "acc" if "acc" in m else next((k for k in m if k != "examples" and "stderr" not in k), None)
+        extras += f", lm-eval {name} {key} {m[key]:.3f}" if key else ""
     return (f"eval: step {result.step}: validation loss {loss:.4f}, perplexity {ppl:.2f}{extras} "
             f"in {result.seconds}s → {where}")
 
@@ -296,7 +334,9 @@ def lease_settings(run_dir: str | Path) -> tuple[float, float]:
 def evaluate(run_dir: str | Path, step: int | None = None, options: EvalOptions = EvalOptions(),
              use_ray: bool = False, ray_address: str | None = None, ray_gpus: float = 0.0,
              log=print) -> EvalRecord:
-    """Evaluate one checkpoint (``step``, default the newest committed), even if it was before."""
+    """Evaluate one checkpoint (``step``, default the newest committed), even if it was before.
+    ``run_dir`` may also be a checkpoint directory of the run (it names the step)."""
+    run_dir, step = locate(run_dir, step)
     check_options(options)
     checkpoint = find_checkpoint(run_dir, step)
     session = EvalSession(run_dir, log)

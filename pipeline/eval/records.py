@@ -74,8 +74,9 @@ class EvalRecord(Record):
     host: str | None = None
     pid: int | None = None
     code_version: str | None = None
-    wandb_run_id: str | None = None
+    wandb_run_id: str | None = None  # the eval run it was logged to
     wandb_dir: str | None = None
+    train_run_id: str | None = None  # the W&B run that trained the checkpoint (trainer_state.json)
 
     @classmethod
     def coerce(cls, record: EvalRecord | dict, path: str = "(eval record)") -> EvalRecord:
@@ -137,6 +138,20 @@ def write_record(run_dir: str | Path, result: EvalRecord | dict) -> Path | None:
         return None
     checkpoint.write_atomic(RunDir.EVAL_JSON, text)
     return checkpoint.path(RunDir.EVAL_JSON)
+
+
+def record_of(checkpoint_path: str | Path) -> EvalRecord | None:
+    """The eval record of one checkpoint: its eval.json, else the run-level copy, else None."""
+    path = Path(checkpoint_path)
+    store = open_storage(path)
+    if store.exists(RunDir.EVAL_JSON):
+        return _read_record(store, RunDir.EVAL_JSON)
+    run = RunDir.of_checkpoint(path)
+    step = step_of(path.name)
+    if run is None or step is None:
+        return None
+    copy = run.eval_record(step)
+    return _read_record(open_storage(copy.parent), copy.name)
 
 
 def _record_keys(run: RunDir) -> list[tuple[LocalStorage, str]]:

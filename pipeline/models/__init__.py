@@ -76,33 +76,53 @@ def initial_model(cfg: ModelConfig) -> nn.Module:
     model = build_model(cfg)
     if not cfg.init_from:
         return model
+    weights = _init_from_weights(cfg)
+    ours = {k: v for k, v in model.state_dict().items() if k not in tied_aliases(model)}
+    load_state_dict_tied(model, {name: _fit(name, weights.get(name), target, cfg) for name, target in ours.items()})
+    return model
+
+
+def _init_from_weights(cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """``cfg.init_from``'s tensors under our names, once its config.json agrees with ``cfg``.
+
+    The config loader already filled unset fields from that config.json and refused set ones that
+    disagree (hf_fields.py); this checks the same against the importer's own reading of it, so a
+    config built another way, or a drift between the two readings, is one error naming both values."""
+    from pipeline.hf_fields import agrees, read_hf_fields
     from pipeline.models.hf import import_from_hf
     from pipeline.models.hf_modern import hf_family
 
-    hf_cfg, weights = import_from_hf(cfg.init_from)
+    try:
+        hf_cfg, weights = import_from_hf(cfg.init_from)
+        fields = read_hf_fields(cfg.init_from)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"model.init_from: {exc}") from None
     try:
         source, target = hf_family(hf_cfg), hf_family(cfg)
     except ValueError as exc:
         raise ConfigError(f"model.init_from: this config has no transformers counterpart: {exc}") from None
     if source != target:
         raise ConfigError(f"model.init_from: {cfg.init_from} is a {source} model, this config trains {target}")
-    ours = {k: v for k, v in model.state_dict().items() if k not in tied_aliases(model)}
-    fitted = {}
-    for name, target in ours.items():
-        source = weights.get(name)
-        if source is None:
-            raise ConfigError(f"model.init_from: {cfg.init_from} has no tensor {name!r}")
-        if source.shape == target.shape:
-            fitted[name] = source
-        elif source.shape[1:] == target.shape[1:] and source.shape[0] <= target.shape[0]:
-            # a vocabulary padded further here: copy the real rows, keep the fresh padding rows
-            padded = target.detach().clone()
-            padded[: source.shape[0]] = source
-            fitted[name] = padded
-        else:
-            raise ConfigError(
-                f"model.init_from: {name} is {tuple(source.shape)} there but {tuple(target.shape)} here; "
-                f"make model.* match the source model"
-            )
-    load_state_dict_tied(model, fitted)
-    return model
+    mine = cfg.model_dump()
+    for field in fields:
+        ours, theirs = getattr(cfg, field), getattr(hf_cfg, field)
+        if not agrees(field, ours, theirs, mine):
+            raise ConfigError(f"model.init_from: model.{field} is {ours!r} here, but {cfg.init_from} has "
+                              f"{theirs!r}; make model.* match the source model (or leave it unset)")
+    return weights
+
+
+def _fit(name: str, source: torch.Tensor | None, target: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    if source is None:
+        raise ConfigError(f"model.init_from: {cfg.init_from} has no tensor {name!r}")
+    if source.shape == target.shape:
+        return source
+    if source.shape[1:] == target.shape[1:] and source.shape[0] <= target.shape[0]:
+        # a vocabulary padded further here: copy the real rows, keep the fresh padding rows
+        padded = target.detach().clone()
+        padded[: source.shape[0]] = source
+        return padded
+    raise ConfigError(
+        f"model.init_from: {name} is {tuple(source.shape)} there but {tuple(target.shape)} here; "
+        f"make model.* match the source model"
+    )
