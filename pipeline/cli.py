@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="write a committed checkpoint as a transformers model",
                        description="Exports model.safetensors + config.json + tokenizer.json that "
-                       "transformers loads as GPT2LMHeadModel or BertForMaskedLM.")
+                       "transformers loads as GPT2LMHeadModel, LlamaForCausalLM, BertForMaskedLM or ModernBertForMaskedLM.")
     p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its newest checkpoint)")
     p.add_argument("--to", choices=["hf"], default="hf", help="target format (default: hf)")
     p.add_argument("out_dir", help="output directory")

@@ -16,7 +16,7 @@ __all__ = ["export_hf", "resolve_checkpoint"]
 def export_hf(checkpoint_path: str | Path, out_dir: str | Path, log=print) -> Path:
     from safetensors.torch import load
 
-    from pipeline.models.hf import export_to_hf
+    from pipeline.models.hf import export_to_hf, hf_config
 
     checkpoint = resolve_checkpoint(checkpoint_path)  # verified against COMMIT
     model = checkpoint.state().model
@@ -32,6 +32,6 @@ def export_hf(checkpoint_path: str | Path, out_dir: str | Path, log=print) -> Pa
         load(store.read_bytes(WEIGHTS)), model_cfg, out_dir,
         tokenizer_json=dataset.storage.local_path(DatasetDir.TOKENIZER) if found else None,
     )
-    log(f"export: {checkpoint.path} → {out} (transformers {'GPT2LMHeadModel' if model_cfg.arch == 'gpt' else 'BertForMaskedLM'})"
+    log(f"export: {checkpoint.path} → {out} (transformers {hf_config(model_cfg)['architectures'][0]})"
         + ("" if found else f"; tokenizer not found at {dataset.tokenizer}, not copied"))
     return out
