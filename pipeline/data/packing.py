@@ -21,6 +21,7 @@ appending shards (``prepare --append``) never changes a row that was complete be
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Sequence
 
 import numpy as np
@@ -28,9 +29,10 @@ import numpy as np
 from pipeline.data.masking import IGNORE_INDEX
 from pipeline.data.shards import IndexedShard
 
-#: (start, end) in stream positions of each document's body (its tokens without the trailing
-#: end-of-document token), documents without a body left out
-Bodies = list[tuple[int, int]]
+#: (D, 2) int64: (start, end) in stream positions of each document's body (its tokens without the
+#: trailing end-of-document token), documents without a body left out; an array, not Python
+#: tuples, so a source of millions of documents stays a few bytes per document
+Bodies = np.ndarray
 
 
 def shard_document_starts(shard: IndexedShard) -> np.ndarray:
@@ -59,7 +61,7 @@ def document_bodies(starts: np.ndarray, num_tokens: int, last_tokens: np.ndarray
     ends = np.append(starts[1:], num_tokens).astype(np.int64)
     body_ends = ends - ((last_tokens == eod) & (ends > starts)) if eod is not None else ends
     keep = body_ends > starts
-    return list(zip(starts[keep].tolist(), body_ends[keep].tolist()))
+    return np.stack([starts[keep], body_ends[keep]], axis=1).astype(np.int64).reshape(-1, 2)
 
 
 def fill_row(bodies: Bodies, d: int, pos: int, seq_len: int) -> tuple[list[tuple[int, int]], int, int, bool]:
@@ -67,17 +69,17 @@ def fill_row(bodies: Bodies, d: int, pos: int, seq_len: int) -> tuple[list[tuple
     where the next row starts (d, pos), and whether the row is complete (the stream may end first).
 
     Each piece costs its tokens plus [CLS] and [SEP]; a piece needs room for at least one token."""
-    room, pieces = seq_len, []
-    while d < len(bodies):
+    room, pieces, n = seq_len, [], len(bodies)
+    while d < n:
         if room < 3:
             return pieces, d, pos, True  # one or two slots left: padded
-        end = bodies[d][1]
+        end = int(bodies[d, 1])
         take = min(end - pos, room - 2)
         pieces.append((pos, pos + take))
         room, pos = room - take - 2, pos + take
         if pos == end:
             d += 1
-            pos = bodies[d][0] if d < len(bodies) else pos
+            pos = int(bodies[d, 0]) if d < n else pos
         if room == 0:
             return pieces, d, pos, True
     return pieces, d, pos, False
@@ -88,14 +90,14 @@ def pack_rows(bodies: Bodies, seq_len: int) -> np.ndarray:
     stream ends inside is left out (more data would complete it)."""
     if seq_len < 3:
         raise ValueError(f"a packed BERT row needs seq_len ≥ 3 ([CLS] token [SEP]), got {seq_len}")
-    rows, d, pos = [], 0, bodies[0][0] if bodies else 0
+    rows, d, pos = array("q"), 0, int(bodies[0, 0]) if len(bodies) else 0  # 8 bytes per number
     while d < len(bodies):
         start = (d, pos)
         _, d, pos, complete = fill_row(bodies, d, pos, seq_len)
         if not complete:
             break
-        rows.append(start)
-    return np.array(rows, dtype=np.int64).reshape(-1, 2)
+        rows.extend(start)
+    return np.frombuffer(rows, dtype=np.int64).reshape(-1, 2).copy()
 
 
 def row_layout(pieces: Sequence[np.ndarray], seq_len: int, *, cls: int, sep: int,
