@@ -107,3 +107,21 @@ def test_plan_estimate_counts_the_document_masks_of_the_llama_preset():
     with_masks, without = estimate(cfg, 1).memory.activations, estimate(plain, 1).memory.activations
     repeated_kv = 4 * 2048 * cfg.model.n_layer * 2 * 2 * (cfg.model.d_model - cfg.model.kv_heads * cfg.model.head_dim)
     assert with_masks - without == mask_bytes(cfg.model, 2048, 4, "bf16", True) + repeated_kv
+
+
+@pytest.mark.parametrize("name", ["gpt2-small", "bert-base", "llama-tiny", "llama-160m", "llama-1b", "modernbert-tiny",
+                                  "modernbert-base"])
+def test_flops_and_parameters_of_every_preset_match_the_built_module(name):
+    """6 FLOPs per weight of every matmul the module runs (gated MLPs' third matrix, GQA's narrower
+    k/v, an untied head) plus the attention term; parameters exactly as built."""
+    from pipeline.models.flops import attention_context, param_count, train_flops_per_token
+
+    cfg = load_config(f"configs/models/{name}.yaml", ["model.vocab_size=32000", "train.seq_len=256"]).model
+    with torch.device("meta"):
+        model = build_model(cfg)
+    assert param_count(cfg) == sum(p.numel() for p in model.parameters())
+    linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    matmul = sum(m.weight.numel() + (0 if m.bias is None else m.bias.numel()) for m in linear)
+    attention = 12 * cfg.d_model * sum(attention_context(cfg, i, 256) for i in range(cfg.n_layer))
+    # what the 6·N rule adds beyond the linear layers: norm gains and segment embeddings (< 0.5%)
+    assert train_flops_per_token(cfg, 256) == pytest.approx(6 * matmul + attention, rel=5e-3)
