@@ -12,8 +12,11 @@ pass on CPU). Two timings each: the whole model (llama-tiny's blocks by default:
 SwiGLU, 4 query heads sharing 2 key/value heads; loss and backward, no optimizer step) and one
 attention layer alone (forward + backward, mask building included). Packed documents have lengths
 drawn from a seeded exponential distribution (mean ``--mean-doc-tokens``), the same for every row
-kind. Median of ``--steps`` timed steps after ``--warmup`` untimed ones, the row kinds timed in
-turns so that a busy machine slows them alike.
+kind. Each number is the fastest of ``--steps`` timed steps (``--stat median`` for the median)
+after ``--warmup`` untimed ones, the row kinds timed in turns, so that other work on a shared
+machine disturbs every row alike and the least disturbed step counts; ``--clock cpu`` times this
+process's CPU seconds instead of wall seconds (with ``--threads 1`` on a shared CPU machine, what
+other processes do then hardly shows).
 """
 
 from __future__ import annotations
@@ -49,9 +52,9 @@ def packed_doc_ids(batch: int, seq_len: int, mean: float, seed: int = 0) -> torc
     return torch.stack(rows)
 
 
-def interleaved_seconds(fns: list, warmup: int, steps: int, device: str) -> list[float]:
-    """Median seconds of each function, timed in turns (one call of each per round), so that a
-    busy machine slows every row alike."""
+def interleaved_seconds(fns: list, warmup: int, steps: int, device: str, stat=min, clock=time.perf_counter) -> list[float]:
+    """Seconds of each function (``stat`` of its timed calls), timed in turns: one call of each
+    per round."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for _ in range(warmup):
         for fn in fns:
@@ -60,11 +63,11 @@ def interleaved_seconds(fns: list, warmup: int, steps: int, device: str) -> list
     for _ in range(steps):
         for fn, out in zip(fns, times):
             sync()
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
             sync()
-            out.append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
+            out.append(clock() - t0)
+    return [stat(t) for t in times]
 
 
 def model_step(model, ids: torch.Tensor, doc_ids):
@@ -92,7 +95,8 @@ def attention_step(model, x: torch.Tensor, doc_ids):
 def run(args) -> list[dict]:
     torch.manual_seed(0)
     cfg = load_config(PRESETS / f"{args.preset}.yaml", [f"model.vocab_size={args.vocab}",
-                                                        f"model.max_seq_len={max(args.seq_lens)}"]).model
+                                                        f"model.max_seq_len={max(args.seq_lens)}",
+                                                        f"train.seq_len={max(args.seq_lens)}"]).model
     kinds = [("causal", "sdpa", False), ("documents, sdpa", "sdpa", True)]
     if args.flex:
         kinds.append(("documents, flex", "flex", True))
@@ -107,8 +111,10 @@ def run(args) -> list[dict]:
             model = build_model(cfg.model_copy(update={"attention_kernel": kernel})).to(args.device).train()
             steps.append(model_step(model, ids, docs if masked else None))
             layers.append(attention_step(model, x, docs if masked else None))
-        step_s = interleaved_seconds(steps, args.warmup, args.steps, args.device)
-        attn_s = interleaved_seconds(layers, args.warmup, args.steps, args.device)
+        stat = statistics.median if args.stat == "median" else min
+        clock = time.process_time if args.clock == "cpu" else time.perf_counter
+        step_s = interleaved_seconds(steps, args.warmup, args.steps, args.device, stat, clock)
+        attn_s = interleaved_seconds(layers, args.warmup, args.steps, args.device, stat, clock)
         for (name, _, _), a, b in zip(kinds, step_s, attn_s):
             rows.append({"seq_len": T, "kind": name, "step_ms": a * 1e3, "attn_ms": b * 1e3, "step_x": a / step_s[0],
                          "attn_x": b / attn_s[0], "docs_per_row": float(docs.amax(dim=1).float().mean() + 1)})
@@ -126,13 +132,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--flex", action="store_true", help="add FlexAttention rows (compiled; CUDA only)")
+    p.add_argument("--stat", choices=["min", "median"], default="min", help="of the timed steps (default: min)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="cpu: this process's CPU time (all its threads), steadier than wall time on a shared "
+                   "CPU machine; meaningless on CUDA")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.clock == "cpu" and args.device != "cpu":
+        p.error("--clock cpu times CPU work; use the wall clock on --device cuda")
     if args.flex and args.device != "cuda":
         p.error(f"--flex needs --device cuda: FlexAttention has no backward pass on {args.device} (torch {torch.__version__})")
     rows = run(args)
     print(f"# {args.preset}, batch {args.batch}, vocab {args.vocab}, mean document {args.mean_doc_tokens:g} tokens, "
           f"{args.device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
-          f"torch {torch.__version__}, median of {args.steps} steps")
+          f"torch {torch.__version__}, {args.stat} of {args.steps} steps, {args.clock} clock")
     print("| seq_len | attention | docs/row | model fwd+bwd ms | × causal | attention layer fwd+bwd ms | × causal |")
     print("|---:|---|---:|---:|---:|---:|---:|")
     for r in rows:
