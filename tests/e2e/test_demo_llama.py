@@ -29,3 +29,16 @@ def test_llama_demo_prepares_trains_on_two_ranks_evaluates_and_its_loss_falls(tm
     record = json.loads((run / "checkpoints" / f"step_{STEPS:08d}" / "eval.json").read_text())
     assert record["loss"] == pytest.approx(record["splits"]["validation"]["loss"])
     assert record["loss"] < val[0] - 1.0
+
+
+@pytest.mark.slow
+def test_modernbert_demo_runs_the_same_flow_with_packed_segments(tmp_path):
+    """The encoder twin (about 45 s): WordPiece, rows of [CLS] piece [SEP] …, masked LM."""
+    run = tmp_path / "demo"
+    out = pretrain("demo", "--config", "configs/demo-modernbert.yaml", "--run-dir", str(run),
+                   "--set", f"train.max_steps={STEPS}", "--set", f"checkpoint.save_interval_steps={STEPS}",
+                   "--set", "eval.max_samples=64", timeout=600)
+    assert "demo finished" in out.stdout
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    val = {r["step"]: r["val/loss"] for r in rows if "val/loss" in r}
+    assert val[STEPS] < val[0] - 1.0
