@@ -193,6 +193,12 @@ class DataConfig(Section):
         1 << 20, ge=4096, description="Target size of a block of text (the unit of work of a worker); "
         "smaller blocks spread one large file over more workers. Does not change the output.",
     )
+    document_masking: bool = Field(
+        False, description="Training reads packed samples document by document: each document's positions "
+        "start at 0 and it attends only to itself; gpt gets no label across a document end, bert rows are "
+        "packed as [CLS] piece [SEP] ... without padding (docs/data.md). Does not change the prepared data. "
+        "On in the llama-* and modernbert-* presets.",
+    )
 
     @field_validator("output_dir")
     @classmethod

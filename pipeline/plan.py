@@ -94,20 +94,58 @@ def state_bytes_per_param(precision: str, zero_stage: int) -> tuple[int, int, in
     return 4, 4, 8 + master
 
 
-def activation_bytes(model: ModelConfig, seq_len: int, micro_batch: int, precision: str) -> int:
+def _saved_per_token(model: ModelConfig, precision: str, masked: bool) -> int:
+    """Bytes one block keeps per token for its backward pass (Korthikanti et al. 2022 for GPT-2's
+    block, and what autograd keeps for each alternative part, measured in tests/unit/test_plan_options.py)."""
+    e = _ELEMENT_BYTES[precision]
+    d, f, kv = model.d_model, model.ffn_dim, model.kv_heads * model.head_dim
+    # norm inputs (2), norm outputs (2), q, attention output, residual input → 7·d; keys and values:
+    # 2·kv_heads·head_dim, but a tensor mask makes attend() repeat them for every query head
+    n = e * (7 * d + (2 * d if masked and kv < d else 2 * kv))
+    if model.norm == "rmsnorm":  # the fp32 copy of each input and its fp32 normalised value
+        n += 2 * ((4 - e) * d + 4 * d)
+    # GELU: its input and output (2·d_ff); gated: the fused [gate; up] output (2·d_ff, alive through
+    # the chunk views), act(gate) and the product (4·d_ff)
+    n += e * (2 if model.mlp == "gelu" else 4) * f
+    if model.dropout > 0:
+        n += 2 * d  # two residual dropout masks, one byte per element
+    return n
+
+
+def _masked_layers(model: ModelConfig, document_masking: bool) -> tuple[int, int]:
+    """(layers attending through a tensor mask, distinct masks built per forward): with the sdpa
+    kernel, every layer under document masking, else the local-window layers only."""
+    if model.attention_kernel != "sdpa":
+        return 0, 0  # FlexAttention block masks: a few bytes per 128×128 tile
+    local = sum(model.is_local_layer(i) for i in range(model.n_layer))
+    if document_masking:
+        return model.n_layer, 1 + (local > 0)
+    return local, int(local > 0)
+
+
+def mask_bytes(model: ModelConfig, seq_len: int, micro_batch: int, precision: str, document_masking: bool,
+               layers: int | None = None) -> int:
+    """Attention masks kept for the backward pass: per kind of layer (global, local) the boolean
+    mask, (B, 1, T, T) with documents and (1, 1, T, T) for a local window alone, and per masked layer
+    the additive copy in the compute dtype that SDPA makes of it and keeps."""
+    masked, kinds = _masked_layers(model, document_masking)
+    rows = micro_batch if document_masking else 1
+    per_mask = rows * seq_len * seq_len
+    return kinds * per_mask + min(masked, masked if layers is None else layers) * per_mask * _ELEMENT_BYTES[precision]
+
+
+def activation_bytes(model: ModelConfig, seq_len: int, micro_batch: int, precision: str,
+                     document_masking: bool = False) -> int:
     """Activations kept for the backward pass of one micro-batch (all blocks, or block inputs only)."""
     e = _ELEMENT_BYTES[precision]
-    d, f, L = model.d_model, model.ffn_dim, model.n_layer
+    d, L = model.d_model, model.n_layer
     tokens = seq_len * micro_batch
-    # saved per block: LN inputs (2), LN outputs (2), q/k/v (3), attention output (1), residual
-    # input (1) → 9·d; the MLP's GELU input and output → 2·d_ff
-    per_block = tokens * e * (9 * d + 2 * f)
-    if model.dropout > 0:
-        per_block += tokens * 2 * d  # two residual dropout masks, one byte per element
+    masked = _masked_layers(model, document_masking)[0] > 0
+    per_block = tokens * _saved_per_token(model, precision, masked)
     residual = tokens * d * max(e, 4 if precision == "bf16" else e)  # autocast keeps the residual in fp32
-    if model.activation_checkpointing:
-        return L * residual + per_block  # block inputs, plus one block recomputed at a time
-    return L * per_block + residual
+    if model.activation_checkpointing:  # block inputs, plus one block recomputed at a time
+        return L * residual + per_block + mask_bytes(model, seq_len, micro_batch, precision, document_masking, 1)
+    return L * per_block + residual + mask_bytes(model, seq_len, micro_batch, precision, document_masking)
 
 
 def logits_bytes(model: ModelConfig, seq_len: int, micro_batch: int, precision: str) -> int:
@@ -135,14 +173,16 @@ def step_buffer_bytes(n_params: int, precision: str, zero_stage: int, world_size
     return n_params * 4 if precision == "fp16" else 0
 
 
-def memory_per_gpu(model: ModelConfig, train: TrainConfig, world_size: int) -> MemoryEstimate:
+def memory_per_gpu(model: ModelConfig, train: TrainConfig, world_size: int,
+                   document_masking: bool = False) -> MemoryEstimate:
     n = param_count(model)
     weights, gradients, optimizer = model_state_bytes(n, train.precision, train.zero_stage, world_size)
     return MemoryEstimate(
         weights=weights,
         gradients=gradients,
         optimizer=optimizer,
-        activations=activation_bytes(model, train.seq_len, train.micro_batch_size_per_gpu, train.precision),
+        activations=activation_bytes(model, train.seq_len, train.micro_batch_size_per_gpu, train.precision,
+                                     document_masking),
         logits=logits_bytes(model, train.seq_len, train.micro_batch_size_per_gpu, train.precision),
         step_buffers=step_buffer_bytes(n, train.precision, train.zero_stage, world_size),
     )
@@ -172,7 +212,7 @@ def estimate(cfg: PipelineConfig, world_size: int, mfu: float = 0.4, peak_tflops
         gradient_accumulation_steps=accum,
         tokens_per_step=tokens_per_step,
         tokens_total=tokens_total,
-        memory=memory_per_gpu(model, train, world_size),
+        memory=memory_per_gpu(model, train, world_size, cfg.data.document_masking),
         seconds=seconds,
         mfu=mfu,
         peak_tflops=peak_tflops,
@@ -219,7 +259,7 @@ def _data_config_changes(recorded: dict, cfg: PipelineConfig) -> list[str]:
     if not recorded:
         return []
     recorded, current = dict(recorded), cfg.data.model_dump(mode="json")
-    for how in ("num_cpus", "executor", "local_max_bytes", "block_bytes"):
+    for how in ("num_cpus", "executor", "local_max_bytes", "block_bytes", "document_masking"):
         recorded.pop(how, None), current.pop(how, None)
     return sorted(k for k in set(recorded) | set(current) if recorded.get(k) != current.get(k))
 
@@ -395,6 +435,10 @@ def format_report(cfg: PipelineConfig, est: Estimate) -> str:
         f"time         {_duration(est.seconds)} at MFU {est.mfu:.0%} of {est.peak_tflops:.3g} TFLOPs per rank "
         f"({gpu_hours:,.1f} GPU-hours)",
     ]
+    masks = mask_bytes(cfg.model, t.seq_len, t.micro_batch_size_per_gpu, t.precision, cfg.data.document_masking)
+    if masks:
+        lines.append(f"note         attention masks (sdpa) are {_gib(masks)} of the activations; "
+                     f"model.attention_kernel flex keeps none")
     if t.precision == "fp32" and est.peak_tflops >= 300:
         lines.append(f"note         precision fp32: {est.peak_tflops:g} TFLOPs is a 16-bit tensor-core peak; "
                      f"pass --peak-tflops for fp32/TF32 (H100 SXM: 67 fp32, 494 TF32)")

@@ -12,7 +12,9 @@ stopped, and MLM masking, seeded by (seed, sample id), needs no state either.
 
 Samples are cut from a source's token stream (its shards in order, documents joined by their
 end-of-document token). GPT: windows of ``seq_len + 1`` tokens, inputs and labels shifted by one.
-BERT: ``[CLS] + seq_len - 2 tokens + [SEP]``, then 80/10/10 masking.
+BERT: ``[CLS] + seq_len - 2 tokens + [SEP]``, then 80/10/10 masking. With ``data.document_masking``
+a batch also says which document each token is in (``Batch.doc_ids``), and BERT rows are packed
+from whole segments instead (packing.py).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import torch
 
 from pipeline.data.manifest import Manifest
 from pipeline.data.masking import mask_tokens
+from pipeline.data.packing import (document_bodies, documents_of, fill_row, gpt_window, pack_rows, row_layout,
+                                   shard_document_starts)
 from pipeline.data.shards import IndexedShard, ShardError
 from pipeline.rundir import DatasetDir
 
@@ -107,6 +111,27 @@ def rank_positions(consumed_samples: int, micro_step: int, rank: int, world_size
     return np.arange(start, start + micro_batch, dtype=np.int64)
 
 
+class Batch(tuple):
+    """``(input_ids, labels)``, each (B, T), unpacked as always; with document masking ``doc_ids``
+    (B, T) rides along for the model's ``doc_ids=`` (None otherwise)."""
+
+    doc_ids: torch.Tensor | None
+
+    def __new__(cls, input_ids: torch.Tensor, labels: torch.Tensor, doc_ids: torch.Tensor | None = None):
+        batch = super().__new__(cls, (input_ids, labels))
+        batch.doc_ids = doc_ids
+        return batch
+
+    def to(self, device) -> Batch:
+        return Batch(*(t.to(device) for t in self), None if self.doc_ids is None else self.doc_ids.to(device))
+
+    @staticmethod
+    def cat(batches: Sequence[Batch]) -> Batch:
+        docs = [b.doc_ids for b in batches]
+        return Batch(torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]),
+                     None if docs[0] is None else torch.cat(docs))
+
+
 class TokenStream:
     """The shards of one source read as one contiguous token stream."""
 
@@ -128,15 +153,33 @@ class TokenStream:
             filled += take
         return out
 
+    def at(self, positions: np.ndarray) -> np.ndarray:
+        """The tokens at the given stream positions."""
+        positions = np.asarray(positions, dtype=np.int64)
+        shard = np.searchsorted(self.offsets, positions, side="right") - 1
+        out = np.empty(positions.size, dtype=np.int64)
+        for k in np.unique(shard):
+            sel = shard == k
+            out[sel] = self.shards[k].tokens[positions[sel] - self.offsets[k]]
+        return out
+
+    def document_starts(self) -> np.ndarray:
+        """Stream positions where each document starts, from the shards' indexes."""
+        parts = [shard_document_starts(s) + off for s, off in zip(self.shards, self.offsets[:-1])]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
 
 class GPTSamples:
-    """Causal-LM samples from one source: (input_ids, labels), shifted by one token."""
+    """Causal-LM samples from one source: (input_ids, labels), shifted by one token.
 
-    def __init__(self, prefixes: Sequence[str | Path] | str | Path, seq_len: int):
+    ``document_masking``: the same windows, with ``doc_ids`` and no label across a document end."""
+
+    def __init__(self, prefixes: Sequence[str | Path] | str | Path, seq_len: int, *, document_masking: bool = False):
         if isinstance(prefixes, (str, Path)):
             prefixes = [prefixes]
         self.stream = TokenStream(prefixes)
         self.seq_len = seq_len
+        self.doc_starts = self.stream.document_starts() if document_masking else None
         self.num_samples = (self.stream.num_tokens - 1) // seq_len
         if self.num_samples < 1:
             raise ShardError(
@@ -147,54 +190,94 @@ class GPTSamples:
     def __len__(self) -> int:
         return self.num_samples
 
-    def batch(self, ids) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, ids) -> Batch:
         """(input_ids, labels), each (B, T)."""
         L = self.seq_len
+        if self.doc_starts is not None:
+            return self._document_batch(ids)
         tokens = torch.from_numpy(np.stack([self.stream.read(int(i) * L, L + 1) for i in ids]))  # (B, T+1)
-        return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+        return Batch(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
+
+    def _document_batch(self, ids) -> Batch:
+        L, rows = self.seq_len, []
+        for i in ids:
+            start = int(i) * L
+            docs = documents_of(self.doc_starts, np.arange(start, start + L + 1))  # (T+1,)
+            rows.append(gpt_window(self.stream.read(start, L + 1), docs))
+        return Batch(*(torch.from_numpy(np.stack(part)) for part in zip(*rows)))  # (B, T) each
 
 
 class BERTSamples:
-    """Masked-LM samples from one source: ``[CLS] text [SEP]``, masked by (seed, sample id)."""
+    """Masked-LM samples from one source: ``[CLS] text [SEP]``, masked by (seed, sample id).
+
+    ``document_masking``: rows packed from whole segments, ``[CLS] piece [SEP] …`` (packing.py)."""
 
     def __init__(self, prefixes: Sequence[str | Path] | str | Path, seq_len: int, *, seed: int,
-                 special: dict[str, int], vocab_size: int, mask_prob: float = 0.15):
+                 special: dict[str, int], vocab_size: int, mask_prob: float = 0.15, document_masking: bool = False):
         if isinstance(prefixes, (str, Path)):
             prefixes = [prefixes]
         self.stream = TokenStream(prefixes)
         self.seq_len, self.seed, self.mask_prob = seq_len, seed, mask_prob
         self.cls, self.sep, self.mask = special["cls"], special["sep"], special["mask"]
+        self.pad = special.get("pad", self.sep)
         self.special_ids = sorted(set(special.values()))
         self.vocab_size = vocab_size
-        self.num_samples = self.stream.num_tokens // (seq_len - 2)
+        self.bodies = self.rows = None
+        if document_masking:
+            self._pack(special.get("eod"))
+        else:
+            self.num_samples = self.stream.num_tokens // (seq_len - 2)
         if self.num_samples < 1:
             raise ShardError(f"{prefixes[0]}: too few tokens for one sample of {seq_len}; prepare more data")
 
     def __len__(self) -> int:
         return self.num_samples
 
-    def tokens(self, sample_id: int) -> np.ndarray:
-        body = self.stream.read(int(sample_id) * (self.seq_len - 2), self.seq_len - 2)
-        return np.concatenate([[self.cls], body, [self.sep]]).astype(np.int64)
+    def _pack(self, eod: int | None) -> None:
+        """The row table of document-masked rows (a scan over the documents, once)."""
+        n = self.stream.num_tokens
+        starts = self.stream.document_starts()
+        ends = np.append(starts[1:], n)
+        last = self.stream.at(np.clip(ends - 1, 0, max(n - 1, 0))) if n else np.zeros(0, dtype=np.int64)
+        self.bodies = document_bodies(starts, n, last, eod)
+        self.rows = pack_rows(self.bodies, self.seq_len)
+        self.num_samples = len(self.rows)
 
-    def batch(self, ids) -> tuple[torch.Tensor, torch.Tensor]:
+    def row(self, sample_id: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """(tokens, doc_ids) of one row before masking; doc_ids None without document masking."""
+        if self.rows is None:
+            body = self.stream.read(int(sample_id) * (self.seq_len - 2), self.seq_len - 2)
+            return np.concatenate([[self.cls], body, [self.sep]]).astype(np.int64), None
+        d, pos = (int(v) for v in self.rows[int(sample_id)])
+        pieces, *_ = fill_row(self.bodies, d, pos, self.seq_len)
+        bodies = [self.stream.read(a, b - a) for a, b in pieces]
+        return row_layout(bodies, self.seq_len, cls=self.cls, sep=self.sep, pad=self.pad)
+
+    def tokens(self, sample_id: int) -> np.ndarray:
+        return self.row(sample_id)[0]
+
+    def batch(self, ids) -> Batch:
         """(input_ids, labels), each (B, T); labels are -100 except at masked positions."""
-        inputs, labels = [], []
+        inputs, labels, docs = [], [], []
         for i in ids:
+            tokens, doc_ids = self.row(i)
             x, y = mask_tokens(
-                self.tokens(i), seed=self.seed, sample_index=int(i), vocab_size=self.vocab_size,
+                tokens, seed=self.seed, sample_index=int(i), vocab_size=self.vocab_size,
                 mask_id=self.mask, special_ids=self.special_ids, mask_prob=self.mask_prob,
             )
             inputs.append(x)
             labels.append(y)
-        return torch.from_numpy(np.stack(inputs)), torch.from_numpy(np.stack(labels))
+            docs.append(doc_ids)
+        packed = None if self.rows is None else torch.from_numpy(np.stack(docs))
+        return Batch(torch.from_numpy(np.stack(inputs)), torch.from_numpy(np.stack(labels)), packed)
 
 
 def open_split(data_dir: str | Path, manifest: Manifest | dict, split: str, seq_len: int, *, arch: str = "gpt",
-               seed: int = 0) -> dict[str, GPTSamples | BERTSamples]:
+               seed: int = 0, document_masking: bool = False) -> dict[str, GPTSamples | BERTSamples]:
     """Source name → samples of one split, in manifest order (sources without enough data are left out).
 
-    ``manifest``: the dataset's verified Manifest (or its JSON dict, from a script that read the file)."""
+    ``manifest``: the dataset's verified Manifest (or its JSON dict, from a script that read the file);
+    ``document_masking``: data.document_masking (batches carry doc_ids)."""
     data = DatasetDir(data_dir)
     m = Manifest.coerce(manifest, str(data.manifest))
     tok, out = m.tokenizer, {}
@@ -203,9 +286,10 @@ def open_split(data_dir: str | Path, manifest: Manifest | dict, split: str, seq_
         if not prefixes or src.tokens < seq_len + 1:
             continue
         if arch == "bert":
-            out[name] = BERTSamples(prefixes, seq_len, seed=seed, special=tok.special_ids, vocab_size=tok.vocab_size)
+            out[name] = BERTSamples(prefixes, seq_len, seed=seed, special=tok.special_ids, vocab_size=tok.vocab_size,
+                                    document_masking=document_masking)
         else:
-            out[name] = GPTSamples(prefixes, seq_len)
+            out[name] = GPTSamples(prefixes, seq_len, document_masking=document_masking)
     if not out:
         raise ShardError(f"{data.root}: no source of the {split} split has {seq_len + 1} tokens; lower train.seq_len")
     return out
@@ -232,6 +316,5 @@ class BlendedSamples:
             sid[sel] = sample_ids(self.seed, int(s), len(self.sources[s]), draw[sel])
         return src, sid
 
-    def batch(self, src: np.ndarray, sid: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = [self.sources[s].batch([i]) for s, i in zip(src.tolist(), sid.tolist())]
-        return torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
+    def batch(self, src: np.ndarray, sid: np.ndarray) -> Batch:
+        return Batch.cat([self.sources[s].batch([i]) for s, i in zip(src.tolist(), sid.tolist())])

@@ -128,8 +128,10 @@ def token_metrics(model, data, ids: list[int], micro: int, device: str) -> dict:
     """Loss, perplexity and top-1/top-5 accuracy over every labelled token (labels != -100)."""
     loss_sum, top1, top5, tokens = 0.0, 0, 0, 0
     for start in range(0, len(ids), micro):
-        x, y = data.batch(ids[start : start + micro])  # (B, T) each
-        logits = model(x.to(device)).float()  # (B, T, V)
+        x, y = batch = data.batch(ids[start : start + micro])  # (B, T) each
+        docs = getattr(batch, "doc_ids", None)  # data.document_masking: each document scored alone
+        extra = {} if docs is None else {"doc_ids": docs.to(device)}
+        logits = model(x.to(device), **extra).float()  # (B, T, V)
         picked = (y != -100).to(device)  # (B, T)
         lg, target = logits[picked], y.to(device)[picked]  # (N, V), (N,)
         loss_sum += F.cross_entropy(lg, target, reduction="sum").item()
@@ -146,7 +148,8 @@ def token_metrics(model, data, ids: list[int], micro: int, device: str) -> dict:
 
 def split_metrics(model, cfg: PipelineConfig, data_dir: Path, manifest: Manifest, split: str, device: str) -> dict:
     """Metrics of each source of a split, and of the split (token-weighted over its sources)."""
-    sources = open_split(data_dir, manifest, split, cfg.train.seq_len, arch=cfg.model.arch, seed=cfg.train.seed)
+    sources = open_split(data_dir, manifest, split, cfg.train.seq_len, arch=cfg.model.arch, seed=cfg.train.seed,
+                         document_masking=cfg.data.document_masking)
     per = {name: token_metrics(model, data, spread(len(data), cfg.eval.max_samples), cfg.eval.micro_batch_size, device)
            for name, data in sources.items()}
     tokens = sum(m["tokens"] for m in per.values())

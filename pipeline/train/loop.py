@@ -56,8 +56,8 @@ def validation_loss(engine, data: BlendedSamples, cfg: PipelineConfig, rank: int
     engine.eval()
     with torch.no_grad():
         for r in range(rounds):
-            x, y = data.batch(*data.ids(rank_positions(r * per_round, 0, rank, world, micro)))
-            total += engine(x.to(engine.device), y.to(engine.device)).float().cpu()
+            batch = data.batch(*data.ids(rank_positions(r * per_round, 0, rank, world, micro))).to(engine.device)
+            total += engine(*batch, doc_ids=batch.doc_ids).float().cpu()  # doc_ids: data.document_masking
     engine.train()
     return _all_mean(total / rounds)
 
@@ -332,9 +332,10 @@ class _Attempt:
         t0 = time.perf_counter()
         src, ids = run.train_data.ids(rank_positions(start, micro, run.rank, run.world, t.micro_batch_size_per_gpu))
         state.sample_digest = st.digest_update(state.sample_digest, src, ids)
-        x, y = run.train_data.batch(src, ids)
+        batch = run.train_data.batch(src, ids)
         self.meter.add_data_time(time.perf_counter() - t0)
-        loss = engine(x.to(engine.device), y.to(engine.device))
+        batch = batch.to(engine.device)
+        loss = engine(*batch, doc_ids=batch.doc_ids)  # (input_ids, labels); doc_ids: data.document_masking
         return run.faults.apply(loss, state.step + 1, start, start + t.global_batch_size)
 
     def judge(self, losses: list[torch.Tensor], start: int) -> Verdict:
@@ -390,7 +391,9 @@ def train(cfg: PipelineConfig, log=print) -> dict:
     seed, seq_len, arch = cfg.train.seed, cfg.train.seq_len, cfg.model.arch
     cfg.gradient_accumulation_steps(world)  # a ConfigError naming the fields, before anything is built
     weights = {s.resolved_name: s.weight for s in cfg.data.sources}
-    split = lambda name: BlendedSamples(open_split(data_dir, manifest, name, seq_len, arch=arch, seed=seed), weights, seed)
+    masking = cfg.data.document_masking
+    split = lambda name: BlendedSamples(open_split(data_dir, manifest, name, seq_len, arch=arch, seed=seed,
+                                                   document_masking=masking), weights, seed)
     run = Run(cfg, rank, world, log if rank == 0 else (lambda *a, **k: None), manifest, manifest_sha256(data_dir),
               split("train"), split("validation"), Preemption(cfg.checkpoint.preempt_grace_s),
               guards.Faults.from_env(rank))
