@@ -49,12 +49,13 @@ class StorageError(UserError):
 
 
 _FULL = (errno.ENOSPC, errno.EDQUOT)
+_NEARLY_FULL = 1 << 20  # free bytes below which a short write without an errno means a full disk
 
 
 def megabytes(n: int) -> str:
-    """``12 MB``, ``0.4 MB`` (10^6 bytes: what df -H and most dashboards show)."""
+    """``12 MB``, ``0.4 MB``, ``0.0021 MB`` (10^6 bytes: what ``df -H`` shows)."""
     mb = max(n, 0) / 1e6
-    return f"{mb:,.0f} MB" if mb >= 10 else f"{mb:.1f} MB"
+    return f"{mb:,.0f} MB" if mb >= 10 else f"{mb:.1f} MB" if mb >= 0.1 else f"{mb:.2g} MB"
 
 
 class NoSpace(StorageError, OSError):
@@ -86,8 +87,14 @@ def free_bytes(path: str | Path) -> int:
 
 def check_space(exc: OSError, path: str | Path, needed: int = 0) -> None:
     """Raise `NoSpace` for ``path`` when ``exc`` says the disk is full; otherwise return (the caller
-    re-raises ``exc``). For writers that stream into real files themselves (shards)."""
-    if isinstance(exc, NoSpace) or getattr(exc, "errno", None) not in _FULL:
+    re-raises ``exc``). For writers that stream into real files themselves (shards, scratch files).
+
+    A short write reported without an errno (numpy's ``tofile``: "N requested and M written") on a
+    filesystem with (almost) nothing free counts as a full disk too."""
+    if isinstance(exc, NoSpace):
+        return
+    code = getattr(exc, "errno", None)
+    if code not in _FULL and not (code is None and free_bytes(path) < _NEARLY_FULL):
         return
     raise NoSpace(path, needed, free_bytes(path)) from None
 
