@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import logging
 import multiprocessing
 import os
 import signal
@@ -82,7 +83,8 @@ def _exit_if_abandoned() -> None:
     """At exit after `in_thread` was interrupted: a thread still in native code (the tokenizer trainer,
     or the thread it iterates our texts on) would abort the interpreter's shutdown when it next takes
     the GIL (glibc's "FATAL: exception not rethrown"); end the process here instead, with the exit
-    code of the signal. Registered at import, so it runs after the exit handlers registered later."""
+    code of the signal. Registered at import, so it runs after the exit handlers registered later
+    (Ray's shutdown, which stops Ray's own processes)."""
     if _abandoned:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -132,6 +134,8 @@ def in_thread(work: Callable[[threading.Event], T], name: str) -> T:
     except BaseException:
         stop.set()
         thread.join(1.0)  # the generator's cleanup (stopping the workers) runs on its next item
+        if not _abandoned:  # registered last, so it runs first: before the other exit handlers wake
+            atexit.register(logging.disable, logging.CRITICAL)  # the thread up (its logs are noise now)
         _abandoned.append(thread)  # it, or a thread the native code started, may still be running
         raise
     if "error" in result:

@@ -103,3 +103,25 @@ def test_a_second_ctrl_c_exits_at_once_and_the_next_run_takes_over_the_lock(corp
     left_lock = (out / "prepare.lock").exists()  # the second signal may cut the release short
     log = _resume_and_compare(corpus, out, ("dedup", "tokenizer"))
     assert ("took over the stale lock" in log) == left_lock
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trigger", ["tokenizer: training", "shards: encoding"])
+def test_ctrl_c_with_the_ray_executor_ends_with_our_line_and_the_rerun_resumes(corpus, tmp_path, trigger):
+    """Ray's own start-up lines also reach stderr; the run still ends with one line of ours, no
+    traceback, nothing committed, no Ray process left, and the dataset the local executor writes."""
+    out = tmp_path / "data"
+    args = [a.replace("data.executor=local", "data.executor=ray") for a in prepare_args(out, corpus["corpus"].sources)]
+    proc = start(args)
+    for line in proc.stdout:
+        if line.startswith(trigger):
+            time.sleep(0.3)
+            os.killpg(proc.pid, signal.SIGINT)
+            break
+    done = finish(proc)
+    assert done.rc == 130, done.err
+    assert "Traceback" not in done.err, done.err
+    assert done.err_lines[-1].startswith("pretrain prepare: interrupted by SIGINT"), done.err
+    assert group_gone(proc.pid)
+    assert not (out / "manifest.json").exists() and not debris(out)
+    _resume_and_compare(corpus, out, ("dedup",))
