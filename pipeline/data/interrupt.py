@@ -99,11 +99,6 @@ def at(step: str) -> None:
     _state["at"] = step
 
 
-def received() -> int | None:
-    """The signal that interrupts this run, if one has arrived."""
-    return _received
-
-
 def check() -> None:
     """Raise `Interrupted` if a signal has arrived (called before each commit: stage record, manifest)."""
     if _received is not None:
@@ -115,25 +110,27 @@ def in_thread(work: Callable[[threading.Event], T], name: str) -> T:
 
     Native code that calls back into Python from threads of its own (the tokenizer trainer pulls our
     generator of texts on a Rust thread) would otherwise hold a signal until it returns. When the
-    wait is interrupted, ``stop`` is set so that ``work`` can end early (it runs on, as a daemon
-    thread, for at most a moment: its result is dropped)."""
+    wait is interrupted, ``stop`` is set so that ``work`` can end early; what it still does is
+    dropped (a daemon thread, ended with the process by `_exit_if_abandoned`)."""
     result: dict = {}
-    stop = threading.Event()
+    stop, finished = threading.Event(), threading.Event()
 
     def target() -> None:
         try:
             result["value"] = work(stop)
         except BaseException as exc:  # handed to the waiting thread
             result["error"] = exc
+        finally:
+            finished.set()
 
     thread = threading.Thread(target=target, name=name, daemon=True)
     thread.start()
-    try:
-        while thread.is_alive():
-            thread.join(0.1)
+    try:  # an Event, not Thread.join: a signal inside join marks a running thread stopped (Python 3.11)
+        while not finished.wait(0.1):
+            pass
     except BaseException:
         stop.set()
-        thread.join(1.0)  # the generator's cleanup (stopping the workers) runs on its next item
+        finished.wait(1.0)  # the generator's cleanup (stopping the workers) runs on its next item
         if not _abandoned:  # registered last, so it runs first: before the other exit handlers wake
             atexit.register(logging.disable, logging.CRITICAL)  # the thread up (its logs are noise now)
         _abandoned.append(thread)  # it, or a thread the native code started, may still be running
