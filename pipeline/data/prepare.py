@@ -51,7 +51,7 @@ from pipeline.data.manifest import (
     TokenizerInfo, verify_manifest, write_manifest,
 )
 from pipeline.data.shards import RollingShardWriter, token_dtype
-from pipeline.data.sources import COMPRESSED, Corpus, doc_ids, read_file, split_doc_id, split_doc_ids
+from pipeline.data.sources import COMPRESSED, CORRUPT, Corpus, doc_ids, read_file, split_doc_id, split_doc_ids
 from pipeline.data.stages import (
     DedupRecord, Progress, Scope, StageContext, StageRecord, fingerprints, input_hashes, save_stage, summary_table,
 )
@@ -207,6 +207,7 @@ class _Counts:
         self.by_reason: Counter = Counter()
         self.source_reasons: list[Counter] = [Counter() for _ in range(n)]  # reason code → records, per source
         self.example: dict[tuple[int, str], str] = {}  # (source, reason code) → its first full reason
+        self.corrupt: dict[int, tuple[str, str]] = {}  # source → (file, reason) of its first corrupt file
         self.kept = 0  # over all sources: every k-th one goes to validation
 
 
@@ -287,6 +288,8 @@ def _quarantine(q, corpus: Corpus, counts: _Counts, doc_id: int, reason: str, ra
     counts.quarantined[source] += 1
     counts.source_reasons[source][code] += 1
     counts.example.setdefault((source, code), reason)
+    if reason.startswith(CORRUPT):
+        counts.corrupt.setdefault(source, (corpus.file_of(doc_id).label, reason))
     q.write(_line({"source": corpus.source_path(doc_id), **corpus.where(doc_id), "reason": reason, "excerpt": raw}))
 
 
@@ -307,6 +310,11 @@ def _source_problem(ctx: StageContext, out: _Shards, i: int) -> str | None:
     where = f"source {name!r} (data.sources.{i}: {ctx.cfg.sources[i].path})"
     if records == 0:
         return None if ctx.scope.allow_empty_splits else f"{where} has no records: its files are empty"
+    if i in counts.corrupt:
+        file, reason = counts.corrupt[i]
+        return (f"{where}: {file} is corrupt ({reason.removeprefix(CORRUPT).strip()}); the records read from it "
+                f"may already be wrong (a compressed file is checked only at its end): restore the file "
+                f"(see {ctx.store.path(QUARANTINE)}; nothing was committed)")
     if not quarantined or (kept and quarantined / records <= limit):
         return None
     code, n = counts.source_reasons[i].most_common(1)[0]

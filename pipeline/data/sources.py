@@ -32,6 +32,7 @@ FORMATS = ("jsonl", "parquet", "text", "hf")
 _JSONL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
 _PARQUET_SUFFIXES = {".parquet", ".pq"}
 COMPRESSED = {".gz", ".zst"}
+CORRUPT = "unreadable_file: corrupt"  # how the reason of a compressed file that fails its check starts
 
 # doc_id bit layout: source (12 bits) | file within the source (19) | position in the file (32)
 _FILE_BITS, _POS_BITS = 19, 32
@@ -291,12 +292,17 @@ class _Input:
             self.raw.close()
 
     def failure(self, exc: BaseException) -> str:
-        """The reason of the ``unreadable_file`` record that ends a file read up to ``exc``."""
+        """The reason of the ``unreadable_file`` record that ends a file read up to ``exc``: ``truncated``
+        (the records before the cut are sound), ``corrupt`` (a compressed file whose check failed:
+        gzip and zstd check a member or frame only at its end, so the records read may be wrong
+        already; prepare refuses the source, see `CORRUPT`), or a read error of a plain file."""
         size = os.path.getsize(self.path)
         at = self.raw.tell() if not self.raw.closed else getattr(self, "stopped_at", size)
         if isinstance(exc, EOFError):  # the compressed stream stops before its end marker
             return f"unreadable_file: truncated: the file ends at byte {size:,} inside compressed data ({exc})"
-        return f"unreadable_file: corrupt data at or before byte {at:,} of {size:,}: {exc}"
+        if self.stream is self.raw:
+            return f"unreadable_file: read error at byte {at:,} of {size:,}: {exc}"
+        return f"{CORRUPT} data at or before byte {at:,} of {size:,}: {exc}"
 
 
 def _read_errors() -> tuple[type[BaseException], ...]:

@@ -5,9 +5,11 @@
   ``unreadable_file`` record naming the byte where reading stopped. A small cut .zst is that one
   record, never 0 records and no trace.
 - CR-only line endings are lines (jsonl and text paragraphs).
-- A source that keeps no document (a wrong ``text_field`` on parquet, a cut file) or sends more than
-  ``data.max_quarantine_share`` of its records to quarantine fails `pretrain prepare` (a real
-  process): exit 1, one line naming the source, its share and top reason; no manifest is written.
+- A source that keeps no document (a wrong ``text_field`` on parquet, a cut file), sends more than
+  ``data.max_quarantine_share`` of its records to quarantine, or holds a corrupt compressed file
+  (whose records may already be wrong: gzip and zstd check only at the end) fails `pretrain
+  prepare` (a real process): exit 1, one line naming the source, its share and top reason, or the
+  file; no manifest is written.
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ def test_a_corrupt_byte_in_a_compressed_file_is_an_unreadable_file(tmp_path, kin
     records = _read(path, "jsonl")
     bad = [r for r in records if r.reason and r.reason.startswith("unreadable_file")]
     assert len(bad) == 1 and records[-1] is bad[0], [r.reason for r in records[-3:]]
-    assert "byte " in bad[0].reason
+    assert bad[0].reason.startswith("unreadable_file: corrupt") and "byte " in bad[0].reason
 
 
 def test_a_small_cut_zst_is_one_unreadable_record_not_nothing(tmp_path):
@@ -127,6 +129,21 @@ def test_prepare_over_a_cut_zst_keeps_the_rest_and_records_the_cut(tmp_path):
     assert [r["reason"].split(":")[0] for r in rows] == ["unreadable_file"]
     assert rows[0]["file"].endswith("b.jsonl.zst") and f"byte {len(cut) // 2:,}" in rows[0]["reason"]
     assert dataset_files(out)
+
+
+def test_a_corrupt_gz_fails_prepare_in_one_line_naming_the_file(tmp_path):
+    """gzip checks its CRC only at the end: the records decoded before it may be altered already, so
+    the source is refused rather than trained on (nothing is committed)."""
+    src = tmp_path / "docs"
+    src.mkdir()
+    (src / "a.jsonl").write_bytes(_jsonl(DOCS[:200]))
+    data = bytearray(_compress("gz", _jsonl(DOCS[200:])))
+    data[len(data) // 2] ^= 0x10
+    (src / "b.jsonl.gz").write_bytes(bytes(data))
+    out = tmp_path / "data"
+    done = run(_sets(out, f"[{{path: '{src}', name: docs}}]"))
+    assert_one_line(done, 1, "source 'docs'", "b.jsonl.gz is corrupt", "byte ", "restore the file")
+    assert not (out / "manifest.json").exists()
 
 
 def test_a_wrong_text_field_on_parquet_fails_in_one_line_naming_the_source(tmp_path):
