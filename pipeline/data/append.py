@@ -118,6 +118,7 @@ class NewFiles(Scope):
     the dataset still listed) and their documents win; a split may come out empty (a few documents)."""
 
     allow_empty_splits = True
+    commits = False
 
     def __init__(self, new: set[str], prior: set[str]):
         self.new, self.prior = set(new), set(prior)
@@ -177,6 +178,7 @@ def append(cfg: DataConfig, ray_address: str | None = None, log=print) -> Manife
     interrupt.check()  # a signal during the staging run: the dataset is left as it was
     grown = merge(data, old, old_sha, added, new, time.time() - t0, scope)
     grown = write_manifest(data.root, grown, list(grown.files))
+    interrupt.committed()
     data.storage.delete_tree(DatasetDir.APPEND_STAGING)
     g = grown.appends[-1]
     log(f"append: done: +{g.kept:,} documents, +{g.tokens.get('train', 0):,} train / "

@@ -51,7 +51,7 @@ def run_prepare(cfg: DataConfig, hold: Callable[[], ContextManager], *, append: 
     what = "prepare --append" if append else "prepare"
     resumes = ("the dataset is as it was before this append; run it again" if append else
                f"the next `pretrain prepare` resumes from the stages already finished ({DatasetDir.STAGES}/)")
-    with interruptible("pretrain prepare", what, resumes), hold():
+    with interruptible("pretrain prepare", what, resumes, until_exit=True), hold():
         if append:
             return append_files(cfg, ray_address=ray_address)
         if not force:

@@ -140,10 +140,33 @@ def in_thread(work: Callable[[threading.Event], T], name: str) -> T:
     return result["value"]
 
 
+def _after(signum, frame) -> None:
+    """A signal once the work is committed, while the process exits: said, not obeyed (the exit
+    takes a moment; a second signal ends it at once)."""
+    if _state.get("late"):
+        os._exit(128 + signum)
+    _state["late"] = True
+    os.write(2, f"{_state['who']}: {signal.Signals(signum).name} after the work was committed; "
+                f"finishing the exit\n".encode())
+
+
+def committed() -> None:
+    """The work's commit point has passed (the manifest is written): from here to the exit a signal
+    is said, not obeyed, so nothing can report "nothing was committed" over a committed result."""
+    if _state["active"] and threading.current_thread() is threading.main_thread():
+        _state["late"] = False
+        for s in SIGNALS:
+            signal.signal(s, _after)
+
+
 @contextlib.contextmanager
-def interruptible(who: str, what: str, resumes: str) -> Iterator[None]:
+def interruptible(who: str, what: str, resumes: str, until_exit: bool = False) -> Iterator[None]:
     """Turn SIGINT / SIGTERM inside the block into one `PrepareInterrupted` line (``what`` was
-    interrupted; ``resumes`` says what the next run does). A no-op outside the main thread."""
+    interrupted; ``resumes`` says what the next run does). A no-op outside the main thread.
+
+    ``until_exit`` (a command line: the process ends after the block): once the block has finished,
+    a signal during the exit is one line instead of Python's default (a traceback, or a kill that
+    hides the committed result behind exit 130)."""
     global _received
     try:
         previous = {s: signal.signal(s, _handler) for s in SIGNALS}
@@ -151,7 +174,7 @@ def interruptible(who: str, what: str, resumes: str) -> Iterator[None]:
         yield
         return
     _received, done = None, False
-    _state.update(active=True, who=who, at="")
+    _state.update(active=True, who=who, at="", late=False)
     try:
         try:
             yield
@@ -159,7 +182,7 @@ def interruptible(who: str, what: str, resumes: str) -> Iterator[None]:
         finally:
             _state["active"] = False
             for s, h in previous.items():
-                signal.signal(s, h)
+                signal.signal(s, _after if until_exit and done else h)
     except BaseException:
         if _received is None:
             raise

@@ -426,7 +426,10 @@ def _build(cfg: DataConfig, corpus: Corpus, data: DatasetDir, hashes: dict[str, 
     files = [TOKENIZER, QUARANTINE, DUPLICATES] + [f for w in shards.writers.values() for f in w.files()]
     interrupt.at("writing the manifest")
     interrupt.check()
-    return write_manifest(data.root, manifest, files)
+    manifest = write_manifest(data.root, manifest, files)
+    if scope.commits:
+        interrupt.committed()
+    return manifest
 
 
 def expected_bytes(corpus: Corpus) -> int:

@@ -128,6 +128,7 @@ class Scope:
     too and settles duplicate groups in their favour, and accepts splits that come out empty."""
 
     allow_empty_splits = False
+    commits = True  # this run's manifest is the dataset's commit point (an append's staging one is not)
 
     def corpus(self, cfg: DataConfig) -> Corpus:
         """The files to prepare."""
