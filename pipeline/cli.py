@@ -199,19 +199,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_prepare(args) -> int:
-    from pipeline.data.prepare import prepare
-
-    from pipeline.data.append import append, refuse_rebuild
+    from pipeline.data.command import lease_lock, run_prepare
+    from pipeline.launch.lock import RunLock, read_lease
+    from pipeline.rundir import DatasetDir
 
     cfg = load_config(args.config, args.overrides)
-    if args.append:
-        if args.force:
-            raise ConfigError("--append and --force exclude each other (--force rebuilds the whole dataset)")
-        append(cfg.data, ray_address=args.ray_address)
-        return 0
-    if not args.force:
-        refuse_rebuild(cfg.data)
-    prepare(cfg.data, ray_address=args.ray_address, force=args.force)
+    if args.append and args.force:
+        raise ConfigError("--append and --force exclude each other (--force rebuilds the whole dataset)")
+    out = cfg.data.output_dir  # one prepare per dataset directory at a time, as train on a run directory
+    lock = RunLock(out, cfg.launch.lock_lease_s, cfg.launch.lock_heartbeat_s, command="pretrain prepare",
+                   lock_file=DatasetDir.LOCK)
+    run_prepare(cfg.data, lease_lock(lock, lambda: read_lease(out, DatasetDir.LOCK)), append=args.append,
+                force=args.force, ray_address=args.ray_address)
     return 0
 
 

@@ -199,6 +199,13 @@ class DataConfig(Section):
         "packed as [CLS] piece [SEP] ... without padding (docs/data.md). Does not change the prepared data. "
         "On in the llama-* and modernbert-* presets.",
     )
+    max_quarantine_share: float = Field(
+        0.5, ge=0.0, le=1.0, description="Fail prepare when a source sends more than this share of its "
+        "records to quarantine (a source that keeps no document always fails). Dirty data loses a few "
+        "percent; a source losing most of its records is almost always misread (a wrong text_field, "
+        "format or compression, a corrupt file), and training would silently leave it out of its blend. "
+        "Raise it for a raw crawl whose quality filters drop most documents.",
+    )
 
     @field_validator("output_dir")
     @classmethod

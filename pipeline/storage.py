@@ -20,11 +20,17 @@ the files into a local cache instead.
 
 `LocalStorage` is the only implementation today; ``open_storage`` refuses other URI schemes in
 one line (object storage is the next step of this interface).
+
+A full disk is one error, `NoSpace` (``no space left on device writing X (needs ~N MB, M MB
+free)``), raised by every write here and, through `check_space`, by the writers that stream into
+real files themselves (shards); it is an `OSError` too, so code that retries on I/O errors still
+sees it. A write that fails leaves no ``NAME.tmp`` behind and never replaces the key.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
@@ -40,6 +46,65 @@ _CHUNK = 1 << 20
 
 class StorageError(UserError):
     """A key that is missing, escapes its root, or cannot be read or written."""
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+_NEARLY_FULL = 1 << 20  # free bytes below which a short write without an errno means a full disk
+
+
+def megabytes(n: int) -> str:
+    """``12 MB``, ``0.4 MB``, ``0.0021 MB`` (10^6 bytes: what ``df -H`` shows)."""
+    mb = max(n, 0) / 1e6
+    return f"{mb:,.0f} MB" if mb >= 10 else f"{mb:.1f} MB" if mb >= 0.1 else f"{mb:.2g} MB"
+
+
+class NoSpace(StorageError, OSError):
+    """The filesystem holding a file is full (or over quota): names the file, about how much the
+    write needed and what is free, so the way out (free space, or point the directory elsewhere) is
+    plain from one line."""
+
+    def __init__(self, path, needed: int, free: int):
+        self.path, self.needed, self.free = str(path), int(needed), int(free)
+        super().__init__(f"no space left on device writing {path} (needs ~{megabytes(needed)}, "
+                         f"{megabytes(free)} free)")
+        self.errno = errno.ENOSPC
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def free_bytes(path: str | Path) -> int:
+    """Bytes free to an unprivileged writer on the filesystem holding ``path`` (its nearest
+    existing parent when it does not exist yet)."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return 0
+
+
+def check_space(exc: OSError, path: str | Path, needed: int = 0) -> None:
+    """Raise `NoSpace` for ``path`` when ``exc`` says the disk is full; otherwise return (the caller
+    re-raises ``exc``). For writers that stream into real files themselves (shards, scratch files).
+
+    A short write reported without an errno (numpy's ``tofile``: "N requested and M written") on a
+    filesystem with (almost) nothing free counts as a full disk too."""
+    if isinstance(exc, NoSpace):
+        return
+    code = getattr(exc, "errno", None)
+    if code not in _FULL and not (code is None and free_bytes(path) < _NEARLY_FULL):
+        return
+    raise NoSpace(path, needed, free_bytes(path)) from None
+
+
+def _written(f, tmp: Path) -> int:
+    """Bytes a stream had taken when its write failed (what reached the disk, or its position)."""
+    for size in (lambda: f.tell(), lambda: tmp.stat().st_size):
+        with contextlib.suppress(OSError, ValueError):
+            return size()
+    return 0
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -128,24 +193,35 @@ class LocalStorage:
     # ------------------------------------------------------------------ writing
     def write_atomic(self, key: str, data: bytes | str, fsync: bool = False) -> None:
         """``key`` holds ``data`` whole, or keeps what it held: never a torn write."""
-        with self.open_atomic(key, fsync=fsync) as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        payload = data.encode("utf-8") if isinstance(data, str) else data
+        try:
+            with self.open_atomic(key, fsync=fsync) as f:
+                f.write(payload)
+        except NoSpace as exc:
+            raise NoSpace(exc.path, max(exc.needed, len(payload)), exc.free) from None
 
     @contextlib.contextmanager
     def open_atomic(self, key: str, fsync: bool = False) -> Iterator[BinaryIO]:
         """A binary file to stream into; it becomes ``key`` only when the block ends without error."""
         final = self.root / key
-        final.parent.mkdir(parents=True, exist_ok=True)
         # one writer per key at a time (locks, rank 0, one eval job), so the name can be fixed: a
         # crash leaves ``NAME.tmp`` debris that the next write of the key replaces
         tmp = final.with_name(f"{final.name}.tmp")
+        f = None
         try:
+            final.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as f:
                 yield f
                 if fsync:
                     f.flush()
                     os.fsync(f.fileno())
             _publish_file(tmp, final)
+        except OSError as exc:
+            needed = _written(f, tmp) if f is not None else 0
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()  # before measuring what is free: the torn file is not kept
+            check_space(exc, final, needed)
+            raise
         finally:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
@@ -153,13 +229,21 @@ class LocalStorage:
     def append_text(self, key: str, text: str) -> None:
         """Append to a log (metrics.jsonl). Object stores cannot append: they upload the whole log."""
         path = self.root / key
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(text)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(text)
+        except OSError as exc:
+            check_space(exc, path, len(text.encode("utf-8")))
+            raise
 
     def makedirs(self, prefix: str = "") -> None:
         """Local directories some writers (DeepSpeed, memory maps) need to exist; a no-op on object stores."""
-        (self.root / prefix).mkdir(parents=True, exist_ok=True)
+        try:
+            (self.root / prefix).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            check_space(exc, self.root / prefix)
+            raise
 
     def move(self, src: str, dst: str) -> None:
         """One file to a new key (replacing what is there)."""

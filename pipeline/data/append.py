@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.config import DataConfig
+from pipeline.data import interrupt
 from pipeline.data.dedup import Duplicate
 from pipeline.data.manifest import (
     AppendInfo, InputFile, Manifest, ManifestError, ShardSet, SourceInfo, SplitInfo, manifest_sha256,
@@ -36,6 +37,7 @@ from pipeline.data.prepare import PrepareError, prepare
 from pipeline.data.sources import Corpus, list_source_files
 from pipeline.data.stages import Scope, input_hashes
 from pipeline.rundir import DatasetDir
+from pipeline.storage import NoSpace, free_bytes
 
 
 class AppendError(PrepareError):
@@ -116,6 +118,7 @@ class NewFiles(Scope):
     the dataset still listed) and their documents win; a split may come out empty (a few documents)."""
 
     allow_empty_splits = True
+    commits = False
 
     def __init__(self, new: set[str], prior: set[str]):
         self.new, self.prior = set(new), set(prior)
@@ -165,11 +168,17 @@ def append(cfg: DataConfig, ray_address: str | None = None, log=print) -> Manife
         return old
     log(f"append: {len(new)} new input file(s): " + ", ".join(f"{r.source}:{Path(r.file).name}" for r in new[:8])
         + (" …" if len(new) > 8 else ""))
-    added = _prepare_new(cfg, data, old, listed, new, ray_address, log)
+    try:
+        added = _prepare_new(cfg, data, old, listed, new, ray_address, log)
+    except NoSpace as exc:  # the staged files are debris: free their space before saying what is free
+        data.storage.delete_tree(DatasetDir.APPEND_STAGING)
+        raise NoSpace(exc.path, exc.needed, free_bytes(exc.path)) from None
     scope = ("the appended documents against each other and against the dataset's files"
              if cfg.dedup.exact or cfg.dedup.near else "off")
+    interrupt.check()  # a signal during the staging run: the dataset is left as it was
     grown = merge(data, old, old_sha, added, new, time.time() - t0, scope)
     grown = write_manifest(data.root, grown, list(grown.files))
+    interrupt.committed()
     data.storage.delete_tree(DatasetDir.APPEND_STAGING)
     g = grown.appends[-1]
     log(f"append: done: +{g.kept:,} documents, +{g.tokens.get('train', 0):,} train / "

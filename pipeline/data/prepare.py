@@ -13,7 +13,11 @@ a cluster). Either way the driver receives the results in corpus order and write
 arrive, so the output is byte-identical whatever the executor, number of workers or blocks, and the
 driver's memory does not grow with the corpus. The dedup pass records which documents the quality
 filters dropped, so the later passes do not run the filters again. Nothing is lost silently: for
-every source, documents in = kept + quarantined + deduplicated, checked before the manifest is written.
+every source, documents in = kept + quarantined + deduplicated, checked before the manifest is written,
+and a source lost to quarantine (it keeps nothing, or more than ``data.max_quarantine_share`` of its
+records are rejected: a wrong ``text_field``, format or compression, not dirty data) fails the run in
+one line naming the source and its top reason. A full disk is one line too (`storage.NoSpace`), after
+this run's uncommitted shards are removed so they do not keep the disk full.
 
 Every file is named by `DatasetDir` and written through its storage; a `Scope` (stages.py) says which
 input files a run prepares (all of them, or, for `prepare --append`, the new ones: see append.py).
@@ -23,7 +27,9 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
+from pathlib import Path
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,7 +39,7 @@ from tokenizers import Tokenizer
 
 import pipeline
 from pipeline.config import ConfigError, DataConfig
-from pipeline.data import workers
+from pipeline.data import interrupt, workers
 from pipeline.data.clean import clean_text
 from pipeline.data.dedup import Duplicate
 from pipeline.data.executors import (
@@ -45,14 +51,14 @@ from pipeline.data.manifest import (
     TokenizerInfo, verify_manifest, write_manifest,
 )
 from pipeline.data.shards import RollingShardWriter, token_dtype
-from pipeline.data.sources import Corpus, doc_ids, read_file, split_doc_id, split_doc_ids
+from pipeline.data.sources import COMPRESSED, CORRUPT, Corpus, doc_ids, read_file, split_doc_id, split_doc_ids
 from pipeline.data.stages import (
     DedupRecord, Progress, Scope, StageContext, StageRecord, fingerprints, input_hashes, save_stage, summary_table,
 )
 from pipeline.data.tokenizer import TokenizerError, load_tokenizer, special_ids, train_tokenizer
 from pipeline.errors import UserError
 from pipeline.rundir import DatasetDir
-from pipeline.storage import LocalStorage
+from pipeline.storage import LocalStorage, NoSpace, check_space, free_bytes
 
 SPLITS = DatasetDir.SPLITS
 QUARANTINE, DUPLICATES, TOKENIZER = DatasetDir.QUARANTINE, DatasetDir.DUPLICATES, DatasetDir.TOKENIZER
@@ -76,8 +82,12 @@ def _dedup(ctx: StageContext) -> DedupRecord:
     t0 = time.time()
     ctx.log(f"dedup: reading, cleaning and hashing {len(corpus.files):,} files of {len(corpus.names)} sources")
     store.delete_tree(DatasetDir.DEDUP_SPILL)
+    spill = store.local_path(DatasetDir.DEDUP_SPILL)
     try:  # local scratch for the local executor's spilled rows
-        found, records, filtered = ctx.executor.duplicates(corpus, store.local_path(DatasetDir.DEDUP_SPILL))
+        found, records, filtered = ctx.executor.duplicates(corpus, spill)
+    except OSError as exc:
+        check_space(exc, spill)
+        raise
     finally:
         store.delete_tree(DatasetDir.DEDUP_SPILL)
     duplicates = ctx.scope.settle(found, corpus)
@@ -127,8 +137,9 @@ def _dedup_stage(ctx: StageContext) -> DedupRecord:
 
 # ---- tokenizer --------------------------------------------------------------------------------------
 
-def _training_texts(ctx: StageContext) -> Iterator[str]:
-    """The kept documents' cleaned text, streamed through the driver, up to data.tokenizer.train_sample_docs."""
+def _training_texts(ctx: StageContext, stop: threading.Event) -> Iterator[str]:
+    """The kept documents' cleaned text, streamed through the driver, up to data.tokenizer.train_sample_docs
+    (or until ``stop`` is set: the run was interrupted)."""
     limit = ctx.cfg.tokenizer.train_sample_docs
     kept = ctx.executor.map(ctx.corpus, workers.kept_texts, clean=ctx.cfg.clean.model_dump(),
                             removed_ref=ctx.removed_ref, filtered_ref=ctx.filtered_ref)
@@ -137,7 +148,7 @@ def _training_texts(ctx: StageContext) -> Iterator[str]:
     try:
         for batch in kept:
             for text in batch["text"]:
-                if limit is not None and n >= limit:
+                if limit is not None and n >= limit or stop.is_set():
                     return
                 n += 1
                 progress.update(1)
@@ -154,7 +165,9 @@ def _tokenizer(ctx: StageContext) -> StageRecord:
         tokenizer = load_tokenizer(tok_cfg.path)
     else:
         ctx.log("tokenizer: training on the kept documents")
-        tokenizer = train_tokenizer(_training_texts(ctx), tok_cfg)
+        # in a thread: the trainer iterates the texts on a thread of its own, which would hold a signal
+        tokenizer = interrupt.in_thread(lambda stop: train_tokenizer(_training_texts(ctx, stop), tok_cfg),
+                                        "tokenizer-training")
     try:
         special_ids(tokenizer, tok_cfg)
     except TokenizerError as exc:
@@ -192,6 +205,9 @@ class _Counts:
     def __init__(self, n: int):
         self.records, self.quarantined, self.duplicates = (np.zeros(n, np.int64) for _ in range(3))
         self.by_reason: Counter = Counter()
+        self.source_reasons: list[Counter] = [Counter() for _ in range(n)]  # reason code → records, per source
+        self.example: dict[tuple[int, str], str] = {}  # (source, reason code) → its first full reason
+        self.corrupt: dict[int, tuple[str, str]] = {}  # source → (file, reason) of its first corrupt file
         self.kept = 0  # over all sources: every k-th one goes to validation
 
 
@@ -235,10 +251,14 @@ def _shards(ctx: StageContext) -> _Shards:
         with store.open_atomic(QUARANTINE) as q:
             for batch in encoded:
                 _sort_batch(ctx.corpus, batch, out, q, every)
-    finally:
+    except BaseException:
         for w in writers.values():
-            w.close()
+            w.abort()  # the shards are debris now: no index is written for them
+        raise
+    for w in writers.values():
+        w.close()
     out.seconds = out.progress.seconds
+    _check_sources(ctx, out)
     if not ctx.scope.allow_empty_splits:
         _check_not_empty(store, out)
     return out
@@ -263,9 +283,60 @@ def _sort_batch(corpus: Corpus, b: dict, out: _Shards, q, every: int) -> None:
 
 
 def _quarantine(q, corpus: Corpus, counts: _Counts, doc_id: int, reason: str, raw: str) -> None:
-    counts.by_reason[reason.split(": ", 1)[0]] += 1
-    counts.quarantined[split_doc_id(doc_id)[0]] += 1
+    code, source = reason.split(": ", 1)[0], split_doc_id(doc_id)[0]
+    counts.by_reason[code] += 1
+    counts.quarantined[source] += 1
+    counts.source_reasons[source][code] += 1
+    counts.example.setdefault((source, code), reason)
+    if reason.startswith(CORRUPT):
+        counts.corrupt.setdefault(source, (corpus.file_of(doc_id).label, reason))
     q.write(_line({"source": corpus.source_path(doc_id), **corpus.where(doc_id), "reason": reason, "excerpt": raw}))
+
+
+_HINTS = {  # reason code → what to check, for a source lost to quarantine
+    "missing_field": "check data.sources.{i}.text_field", "not_a_string": "check data.sources.{i}.text_field",
+    "malformed_json": "check data.sources.{i}.format and the file's compression suffix",
+    "not_an_object": "check data.sources.{i}.format", "invalid_utf8": "check the file's encoding and compression",
+    "unreadable_file": "the file is truncated or corrupt: restore it from its origin",
+    "empty_text": "check data.sources.{i}.text_field",
+}
+
+
+def _source_problem(ctx: StageContext, out: _Shards, i: int) -> str | None:
+    """Why source ``i`` is lost to quarantine (one line), or None."""
+    counts, limit, name = out.counts, ctx.cfg.max_quarantine_share, ctx.corpus.names[i]
+    records, quarantined = int(counts.records[i]), int(counts.quarantined[i])
+    kept = sum(out.writers[split, i].documents for split in SPLITS)
+    where = f"source {name!r} (data.sources.{i}: {ctx.cfg.sources[i].path})"
+    if records == 0:
+        return None if ctx.scope.allow_empty_splits else f"{where} has no records: its files are empty"
+    if i in counts.corrupt:
+        file, reason = counts.corrupt[i]
+        return (f"{where}: {file} is corrupt ({reason.removeprefix(CORRUPT).strip()}); the records read from it "
+                f"may already be wrong (a compressed file is checked only at its end): restore the file "
+                f"(see {ctx.store.path(QUARANTINE)}; nothing was committed)")
+    if not quarantined or (kept and quarantined / records <= limit):
+        return None
+    code, n = counts.source_reasons[i].most_common(1)[0]
+    example = counts.example[i, code]
+    example = example if len(example) <= 160 else example[:159] + "…"
+    hint = _HINTS.get(code, f"data.clean.{code.removeprefix('filter:')} drops them" if code.startswith("filter:")
+                      else "see the excerpts").format(i=i)
+    see = f"see {ctx.store.path(QUARANTINE)}; nothing was committed"
+    if not kept:
+        return (f"{where} kept 0 of its {records:,} records: {quarantined:,} quarantined, most as {code} "
+                f"({n:,}): {example}; {hint} ({see})")
+    return (f"{where} quarantined {quarantined / records:.1%} of its {records:,} records, over "
+            f"data.max_quarantine_share ({limit:g}): most as {code} ({n:,}): {example}; {hint}, or raise "
+            f"data.max_quarantine_share ({see})")
+
+
+def _check_sources(ctx: StageContext, out: _Shards) -> None:
+    """Refuse a source lost to quarantine, which training would silently leave out of its blend."""
+    problems = [p for i in range(len(ctx.corpus.names)) if (p := _source_problem(ctx, out, i))]
+    if problems:
+        more = f" (and {len(problems) - 1} more source(s))" if len(problems) > 1 else ""
+        raise PrepareError(f"prepare: {problems[0]}{more}")
 
 
 def _check_not_empty(store: LocalStorage, out: _Shards) -> None:
@@ -333,17 +404,52 @@ def prepare(cfg: DataConfig, ray_address: str | None = None, log=print, force: b
         return current
     data.storage.makedirs()
     data.storage.delete(DatasetDir.MANIFEST)  # invalid until this run finishes
+    try:
+        manifest = _build(cfg, corpus, data, hashes, fps, ray_address, log, scope, force, t0)
+    except NoSpace as exc:
+        raise _no_space(data, corpus, exc) from None
+    log("prepare: done\n" + summary_table(manifest))
+    return manifest
+
+
+def _build(cfg: DataConfig, corpus: Corpus, data: DatasetDir, hashes: dict[str, str], fps: dict[str, str],
+           ray_address: str | None, log, scope: Scope, force: bool, t0: float) -> Manifest:
+    """The stages, then the manifest (the commit point; never written once a signal has arrived)."""
     started = _executor(cfg, corpus, ray_address, log)
     ctx = StageContext(corpus, started.executor, data, fps, log, scope, force)
     dedup = _dedup_stage(ctx)
     tok = ctx.run("tokenizer", _tokenizer)
+    interrupt.at("the shards stage")
     shards = _shards(ctx)
     inputs = [InputFile(source=corpus.names[f.source], file=f.label, sha256=hashes[f.path]) for f in corpus.files]
     manifest = _manifest(ctx, dedup, tok, shards, started, inputs, time.time() - t0)
     files = [TOKENIZER, QUARANTINE, DUPLICATES] + [f for w in shards.writers.values() for f in w.files()]
+    interrupt.at("writing the manifest")
+    interrupt.check()
     manifest = write_manifest(data.root, manifest, files)
-    log("prepare: done\n" + summary_table(manifest))
+    if scope.commits:
+        interrupt.committed()
     return manifest
+
+
+def expected_bytes(corpus: Corpus) -> int:
+    """About what a prepared dataset of ``corpus`` takes on disk: a token per ~4 bytes of text, 2
+    bytes a token, a compressed input holding ~4 times its size in text."""
+    text = sum(Path(f.path).stat().st_size * (4 if Path(f.path).suffix.lower() in COMPRESSED else 1)
+               for f in {f.path: f for f in corpus.files}.values() if Path(f.path).is_file())
+    return text // 2
+
+
+def _no_space(data: DatasetDir, corpus: Corpus, exc: NoSpace) -> NoSpace:
+    """The full disk as one line: this run's uncommitted shards and scratch are removed first (they
+    would keep the disk full), then what the dataset needs, about, and what is free now."""
+    store = data.storage
+    written = sum(store.size(k) for k in store.list() if not k.startswith(DatasetDir.STAGES))
+    if not store.exists(DatasetDir.MANIFEST):  # nothing committed: the shards on disk are debris
+        for prefix in (*SPLITS, DatasetDir.DEDUP_SPILL):
+            store.delete_tree(prefix)
+    needed = max(written + exc.needed, expected_bytes(corpus))
+    return NoSpace(exc.path, needed, free_bytes(exc.path))
 
 
 # ---- the manifest -----------------------------------------------------------------------------------

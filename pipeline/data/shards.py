@@ -25,6 +25,7 @@ import numpy as np
 
 from pipeline.errors import UserError
 from pipeline.rundir import DatasetDir
+from pipeline.storage import check_space
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -51,26 +52,50 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 class ShardWriter:
-    """Streams documents into ``prefix.bin`` and writes ``prefix.idx`` on close."""
+    """Streams documents into ``prefix.bin`` and writes ``prefix.idx`` on close (a full disk is a
+    `NoSpace` naming the file)."""
 
     def __init__(self, prefix: str | Path, dtype: np.dtype):
         self.prefix = Path(prefix)
         self.dtype = np.dtype(dtype)
         if self.dtype not in _CODE_OF:
             raise ValueError(f"dtype {self.dtype} has no MMIDIDX code")
-        self._bin = open(Path(f"{self.prefix}.bin"), "wb")
+        self._bin_path = Path(f"{self.prefix}.bin")
+        try:
+            self._bin = open(self._bin_path, "wb")
+        except OSError as exc:
+            check_space(exc, self._bin_path)
+            raise
         self._lengths: list[int] = []
         self.num_tokens = 0
 
     def add_document(self, tokens) -> None:
         arr = np.asarray(tokens, dtype=self.dtype)
-        self._bin.write(arr.tobytes(order="C"))
+        try:
+            self._bin.write(arr.tobytes(order="C"))
+        except OSError as exc:
+            check_space(exc, self._bin_path, (self.num_tokens + arr.size) * self.dtype.itemsize)
+            raise
         self._lengths.append(int(arr.size))
         self.num_tokens += int(arr.size)
 
     def close(self) -> None:
-        self._bin.close()
-        write_index(Path(f"{self.prefix}.idx"), np.array(self._lengths, dtype=np.int32), self.dtype)
+        path = self._bin_path
+        try:
+            self._bin.close()
+            path = Path(f"{self.prefix}.idx")
+            write_index(path, np.array(self._lengths, dtype=np.int32), self.dtype)
+        except OSError as exc:
+            check_space(exc, path, self.num_tokens * self.dtype.itemsize + 12 * len(self._lengths))
+            raise
+
+    def abort(self) -> None:
+        """Stop writing after a failure: the ``.bin`` is closed as it is, no ``.idx`` is written
+        (the shard is debris that no manifest lists)."""
+        try:
+            self._bin.close()
+        except OSError:
+            pass
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -105,13 +130,22 @@ class RollingShardWriter:
         if self._current is not None:
             self._current.close()
         rel = DatasetDir.shard_prefix(self.split, self.source, len(self.shards))
-        (self.root / rel).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            (self.root / rel).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            check_space(exc, (self.root / rel).parent)
+            raise
         self._current = ShardWriter(self.root / rel, self.dtype)
         self.shards.append(rel)
 
     def close(self) -> None:
         if self._current is not None:
             self._current.close()
+            self._current = None
+
+    def abort(self) -> None:
+        if self._current is not None:
+            self._current.abort()
             self._current = None
 
     def files(self) -> list[str]:

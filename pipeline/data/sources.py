@@ -1,11 +1,16 @@
 """Raw corpus readers: jsonl (plain, .gz, .zst), parquet, plain text, saved HF datasets.
 
 Each reader yields every record with its position, good or bad: bad records carry a reason and go
-to quarantine, so nothing is dropped without a trace. A record's position is a line (jsonl), a row
-(parquet, hf; 0-based like pyarrow and `datasets`), a paragraph (text split on blank lines; 1-based)
-or the whole file (position 0). `doc_id` packs (source, file, position) into one int64 whose order is
-the corpus order, so "the first occurrence" is simply the smallest id. A `Corpus` is the files of
-every source of a config, with the names of its records' places (for quarantine and duplicates).
+to quarantine, so nothing is dropped without a trace. A compressed file that is cut short or
+corrupt keeps the records read before the damage and ends with one ``unreadable_file`` record
+naming the byte where reading stopped (a cut zstd frame included: zstandard's own stream reader
+takes it for a clean end). Lines end in LF, CRLF or a lone CR (old Mac files).
+
+A record's position is a line (jsonl), a row (parquet, hf; 0-based like pyarrow and `datasets`), a
+paragraph (text split on blank lines; 1-based) or the whole file (position 0). `doc_id` packs
+(source, file, position) into one int64 whose order is the corpus order, so "the first occurrence"
+is simply the smallest id. A `Corpus` is the files of every source of a config, with the names of
+its records' places (for quarantine and duplicates).
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +31,8 @@ from pipeline.config import ConfigError, DataConfig, SourceConfig
 FORMATS = ("jsonl", "parquet", "text", "hf")
 _JSONL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
 _PARQUET_SUFFIXES = {".parquet", ".pq"}
-_COMPRESSED = {".gz", ".zst"}
+COMPRESSED = {".gz", ".zst"}
+CORRUPT = "unreadable_file: corrupt"  # how the reason of a compressed file that fails its check starts
 
 # doc_id bit layout: source (12 bits) | file within the source (19) | position in the file (32)
 _FILE_BITS, _POS_BITS = 19, 32
@@ -83,7 +91,7 @@ def split_doc_id(doc_id: int) -> tuple[int, int, int]:
 def detect_format(path: str | Path) -> str:
     """Format of a file from its suffix, ignoring a .gz/.zst compression suffix."""
     suffixes = [s.lower() for s in Path(path).suffixes]
-    if suffixes and suffixes[-1] in _COMPRESSED:
+    if suffixes and suffixes[-1] in COMPRESSED:
         suffixes = suffixes[:-1]
     last = suffixes[-1] if suffixes else ""
     if last in _JSONL_SUFFIXES:
@@ -216,15 +224,85 @@ def _document(value, field: str) -> tuple[str | None, str | None]:
     return text, None
 
 
-def _open_binary(path: str | Path):
-    suffix = Path(path).suffix.lower()
-    if suffix == ".gz":
-        return gzip.open(path, "rb")
-    if suffix == ".zst":
+_ZSTD_CHUNK = 1 << 16  # compressed bytes fed to the decompressor at a time
+
+
+class _ZstdFrames(io.RawIOBase):
+    """The decompressed bytes of a .zst file, frame after frame; a file that ends inside a frame
+    raises EOFError, as gzip does (zstandard's stream reader would report a clean end)."""
+
+    def __init__(self, raw):
         import zstandard
 
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
-    return open(path, "rb")
+        self._raw, self._dctx = raw, zstandard.ZstdDecompressor()
+        self._frame = None  # the decompressor of the frame being read, None between frames
+        self._pending = b""  # compressed bytes after the end of the last frame
+        self._out = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._out:
+            if not self._decompress_more():
+                return 0
+        n = min(len(buffer), len(self._out))
+        buffer[:n] = self._out[:n]
+        self._out = self._out[n:]
+        return n
+
+    def _decompress_more(self) -> bool:
+        """Decompress the next chunk; False at a clean end of the file (between two frames)."""
+        chunk, self._pending = self._pending or self._raw.read(_ZSTD_CHUNK), b""
+        if not chunk:
+            if self._frame is not None:
+                raise EOFError("a zstd frame is cut short")
+            return False
+        if self._frame is None:
+            self._frame = self._dctx.decompressobj()
+        self._out = memoryview(self._frame.decompress(chunk))
+        if self._frame.eof:  # the frame is complete; what follows it starts the next one
+            self._pending, self._frame = self._frame.unused_data, None
+        return True
+
+
+class _Input:
+    """An input file opened for reading, decompressed by its suffix (.gz, .zst), that can say
+    where a read failed: the byte of the file (compressed) the reader had reached."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.raw = open(self.path, "rb")
+        suffix = self.path.suffix.lower()
+        if suffix == ".gz":
+            self.stream = gzip.GzipFile(fileobj=self.raw, mode="rb")
+        elif suffix == ".zst":
+            self.stream = io.BufferedReader(_ZstdFrames(self.raw), 1 << 16)
+        else:
+            self.stream = self.raw
+
+    def __enter__(self):
+        return self.stream
+
+    def __exit__(self, *exc) -> None:
+        self.stopped_at = self.raw.tell()
+        try:
+            self.stream.close()
+        finally:
+            self.raw.close()
+
+    def failure(self, exc: BaseException) -> str:
+        """The reason of the ``unreadable_file`` record that ends a file read up to ``exc``: ``truncated``
+        (the records before the cut are sound), ``corrupt`` (a compressed file whose check failed:
+        gzip and zstd check a member or frame only at its end, so the records read may be wrong
+        already; prepare refuses the source, see `CORRUPT`), or a read error of a plain file."""
+        size = os.path.getsize(self.path)
+        at = self.raw.tell() if not self.raw.closed else getattr(self, "stopped_at", size)
+        if isinstance(exc, EOFError):  # the compressed stream stops before its end marker
+            return f"unreadable_file: truncated: the file ends at byte {size:,} inside compressed data ({exc})"
+        if self.stream is self.raw:
+            return f"unreadable_file: read error at byte {at:,} of {size:,}: {exc}"
+        return f"{CORRUPT} data at or before byte {at:,} of {size:,}: {exc}"
 
 
 def _read_errors() -> tuple[type[BaseException], ...]:
@@ -232,9 +310,26 @@ def _read_errors() -> tuple[type[BaseException], ...]:
     try:
         import zstandard
 
-        return OSError, EOFError, zstandard.ZstdError
+        return OSError, EOFError, zlib.error, zstandard.ZstdError
     except ImportError:
-        return OSError, EOFError
+        return OSError, EOFError, zlib.error
+
+
+def _lines(f) -> Iterator[bytes]:
+    """The lines of a binary stream, each with its ending: LF, CRLF or a lone CR."""
+    for raw in f:
+        cr = raw.find(b"\r")
+        if cr < 0 or (cr == len(raw) - 2 and raw.endswith(b"\r\n")) or cr == len(raw) - 1:
+            yield raw
+            continue
+        start = 0
+        while start < len(raw):  # a lone CR ends a line (only the last CR can be part of CRLF)
+            cr = raw.find(b"\r", start)
+            if cr < 0 or raw[cr + 1:cr + 2] == b"\n":
+                yield raw[start:]
+                break
+            yield raw[start:cr + 1]
+            start = cr + 1
 
 
 def _position(pos: int, path) -> int:
@@ -245,14 +340,16 @@ def _position(pos: int, path) -> int:
 
 def read_jsonl(path: str | Path, source: int, text_field: str, file: int = 0) -> Iterator[Record]:
     """One Record per non-blank line of a jsonl file (plain, .gz or .zst)."""
-    line_no = 0
+    line_no, opened = 0, None
     try:
-        with _open_binary(path) as f:
-            for line_no, raw in enumerate(f, start=1):
+        opened = _Input(path)
+        with opened as f:
+            for line_no, raw in enumerate(_lines(f), start=1):
                 if raw.strip():
                     yield _jsonl_record(raw, source, _position(line_no, path), text_field, file)
     except _read_errors() as exc:  # a truncated or corrupt (compressed) file
-        yield Record(source, line_no + 1, None, f"unreadable_file: {exc}", _excerpt(str(path)), file)
+        reason = opened.failure(exc) if opened else f"unreadable_file: {exc}"
+        yield Record(source, line_no + 1, None, reason, _excerpt(str(path)), file)
 
 
 def _jsonl_record(raw: bytes, source: int, line_no: int, text_field: str, file: int) -> Record:
@@ -296,38 +393,50 @@ def read_parquet(path: str | Path, source: int, text_field: str, file: int = 0) 
             values = batch.column(0).to_pylist()
             yield from _column_records(values, row, source, text_field, file)
             row += len(values)
-    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
-        yield Record(source, row, None, f"unreadable_file: {exc}", _excerpt(str(path)), file)
+    except _arrow_errors() as exc:  # a truncated or corrupt file: the rows read so far are kept
+        yield Record(source, row, None, f"unreadable_file: at row {row:,}: {exc}", _excerpt(str(path)), file)
+
+
+def _arrow_errors() -> tuple[type[BaseException], ...]:
+    """What pyarrow raises on a truncated or corrupt file (ArrowInvalid is a ValueError, ArrowIOError
+    an OSError; a few others only derive from ArrowException)."""
+    import pyarrow as pa
+
+    return OSError, ValueError, pa.ArrowException
 
 
 def read_hf(path: str | Path, source: int, text_field: str, file: int = 0, part: str | None = None) -> Iterator[Record]:
     """One Record per row of a dataset saved with `datasets.save_to_disk` (one split of a DatasetDict)."""
     import datasets
 
-    ds = datasets.load_from_disk(str(path))
-    if part is not None:
-        ds = ds[part]
-    if text_field not in ds.column_names:
-        yield Record(source, 0, None, f"missing_field: {text_field!r} not in columns {ds.column_names[:20]} "
-                     f"({ds.num_rows} rows)", _excerpt(str(path)), file)
-        return
     row = 0
-    for batch in ds.select_columns([text_field]).iter(batch_size=1024):
-        values = batch[text_field]
-        yield from _column_records(values, row, source, text_field, file)
-        row += len(values)
+    try:
+        ds = datasets.load_from_disk(str(path))
+        if part is not None:
+            ds = ds[part]
+        if text_field not in ds.column_names:
+            yield Record(source, 0, None, f"missing_field: {text_field!r} not in columns {ds.column_names[:20]} "
+                         f"({ds.num_rows} rows)", _excerpt(str(path)), file)
+            return
+        for batch in ds.select_columns([text_field]).iter(batch_size=1024):
+            values = batch[text_field]
+            yield from _column_records(values, row, source, text_field, file)
+            row += len(values)
+    except _arrow_errors() as exc:  # an arrow file of the dataset is truncated or corrupt
+        yield Record(source, row, None, f"unreadable_file: at row {row:,}: {exc}", _excerpt(str(path)), file)
 
 
 def read_text(path: str | Path, source: int, text_unit: str = "file", file: int = 0) -> Iterator[Record]:
     """A plain-text file as one document, or one per blank-line-separated paragraph (1-based)."""
-    number = 0
+    number, opened = 0, None
     try:
-        with _open_binary(path) as f:
+        opened = _Input(path)
+        with opened as f:
             if text_unit == "file":
                 yield _text_record(f.read(), source, 0, file)
                 return
             paragraph: list[bytes] = []
-            for line in f:
+            for line in _lines(f):
                 if line.strip():
                     paragraph.append(line)
                     continue
@@ -339,8 +448,8 @@ def read_text(path: str | Path, source: int, text_unit: str = "file", file: int 
                 number += 1
                 yield _text_record(b"".join(paragraph).rstrip(b"\r\n"), source, _position(number, path), file)
     except _read_errors() as exc:
-        yield Record(source, number + 1 if text_unit != "file" else 0, None, f"unreadable_file: {exc}",
-                     _excerpt(str(path)), file)
+        reason = opened.failure(exc) if opened else f"unreadable_file: {exc}"
+        yield Record(source, number + 1 if text_unit != "file" else 0, None, reason, _excerpt(str(path)), file)
 
 
 def _text_record(raw: bytes, source: int, position: int, file: int) -> Record:

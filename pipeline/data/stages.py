@@ -23,6 +23,7 @@ from pydantic import Field
 
 import pipeline
 from pipeline.config import DataConfig
+from pipeline.data import interrupt
 from pipeline.data.clean import FILTERS
 from pipeline.data.dedup import Duplicate
 from pipeline.data.executors import Executor
@@ -109,6 +110,9 @@ def load_stage(out: str | Path, name: str, fingerprint: str, kind: type[StageRec
 
 def save_stage(out: str | Path, name: str, fingerprint: str, files: list[str],
                kind: type[StageRecord] = StageRecord, **info) -> StageRecord:
+    """Write the stage's completion record (never once a signal has arrived: what the stage wrote
+    after it may be cut short)."""
+    interrupt.check()
     data = DatasetDir(out)
     store = data.storage
     record = kind(fingerprint=fingerprint, files={f: store.sha256(f) for f in files}, **info)
@@ -124,6 +128,7 @@ class Scope:
     too and settles duplicate groups in their favour, and accepts splits that come out empty."""
 
     allow_empty_splits = False
+    commits = True  # this run's manifest is the dataset's commit point (an append's staging one is not)
 
     def corpus(self, cfg: DataConfig) -> Corpus:
         """The files to prepare."""
@@ -173,6 +178,7 @@ class StageContext:
             kind: type[StageRecord] = StageRecord) -> StageRecord:
         """The stage's completion record: reused when its fingerprint matches and it has ``files``,
         else ``work(self)``, which writes the record."""
+        interrupt.at(f"the {name} stage")
         record = None if self.force else load_stage(self.data.root, name, self.fingerprints[name], kind)
         if record and all(f in record.files for f in files):
             self.log(f"{name}: reused (its inputs and config are unchanged)")

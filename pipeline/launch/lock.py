@@ -84,12 +84,12 @@ def is_stale(info: LeaseInfo, now: float, host: str) -> bool:
     return info.host == host and not _process_alive(info.pid, info.pid_start)
 
 
-def read_lease(run_dir: str | Path) -> LeaseInfo | None:
+def read_lease(run_dir: str | Path, lock_file: str = LOCK_FILE) -> LeaseInfo | None:
     store = open_storage(run_dir)
-    if not store.exists(LOCK_FILE):
+    if not store.exists(lock_file):
         return None
     try:
-        raw = json.loads(store.read_text(LOCK_FILE))
+        raw = json.loads(store.read_text(lock_file))
         return LeaseInfo(**raw)
     except StorageError:  # released between the two calls
         return None
@@ -102,10 +102,13 @@ class RunLock:
     """``with RunLock(run_dir, lease_s=120, heartbeat_s=20): train()`` — raises RunLocked when busy."""
 
     def __init__(self, run_dir: str | Path, lease_s: float, heartbeat_s: float,
-                 on_lost: Callable[[LeaseInfo | None], None] | None = None, command: str = ""):
+                 on_lost: Callable[[LeaseInfo | None], None] | None = None, command: str = "",
+                 lock_file: str = LOCK_FILE):
         if heartbeat_s * 2 > lease_s:
             raise ValueError(f"heartbeat_s ({heartbeat_s}) must be at most half of lease_s ({lease_s})")
         self.run_dir = Path(run_dir)
+        # the lease's file (a dataset directory's is DatasetDir.LOCK) and its flock guard beside it
+        self.lock_file, self.guard_file = lock_file, GUARD_FILE if lock_file == LOCK_FILE else f"{lock_file}.guard"
         self._store = open_storage(self.run_dir)
         self.lease_s, self.heartbeat_s = lease_s, heartbeat_s
         self.on_lost = on_lost or _terminate_self
@@ -118,11 +121,11 @@ class RunLock:
 
     @property
     def path(self) -> Path:
-        return self._store.path(LOCK_FILE)
+        return self._store.path(self.lock_file)
 
     @contextlib.contextmanager
     def _guard(self):
-        with open(self._store.local_path(GUARD_FILE), "a+") as f:
+        with open(self._store.local_path(self.guard_file), "a+") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
                 yield
@@ -134,13 +137,13 @@ class RunLock:
         info = LeaseInfo(self.host, os.getpid(), _pid_start(os.getpid()), started_at, now + self.lease_s,
                          self.token, self.command)
         # one writer at a time: every write happens under the guard
-        self._store.write_atomic(LOCK_FILE, json.dumps(asdict(info), indent=1) + "\n")
+        self._store.write_atomic(self.lock_file, json.dumps(asdict(info), indent=1) + "\n")
 
     def acquire(self) -> RunLock:
         self._store.makedirs()
         with self._guard():
             now = time.time()
-            current = read_lease(self.run_dir)
+            current = read_lease(self.run_dir, self.lock_file)
             if current is not None and not is_stale(current, now, self.host):
                 raise RunLocked(
                     f"{self.run_dir} is being trained by {current.describe(now)}; a second trainer "
@@ -156,7 +159,7 @@ class RunLock:
 
     def _renew(self) -> bool:
         with self._guard():
-            current = read_lease(self.run_dir)
+            current = read_lease(self.run_dir, self.lock_file)
             if current is None or current.token != self.token:
                 return False
             self._write(self._started_at)
@@ -170,7 +173,7 @@ class RunLock:
                 print(f"run lock: could not renew {self.path}: {exc}", flush=True)
                 continue
             if not ok:
-                self.on_lost(read_lease(self.run_dir))
+                self.on_lost(read_lease(self.run_dir, self.lock_file))
                 return
 
     def release(self) -> None:
@@ -179,9 +182,9 @@ class RunLock:
             self._thread.join()
             self._thread = None
         with self._guard():
-            current = read_lease(self.run_dir)
+            current = read_lease(self.run_dir, self.lock_file)
             if current is not None and current.token == self.token:
-                self._store.delete(LOCK_FILE)
+                self._store.delete(self.lock_file)
 
     def __enter__(self) -> RunLock:
         return self.acquire()
