@@ -16,7 +16,7 @@ from pipeline.config import ConfigError
 from pipeline.data.manifest import manifest_sha256, read_manifest, verify_manifest
 from pipeline.train import compat
 from pipeline.train.checkpoint import CheckpointError
-from pipeline.train.resume import resume_point
+from pipeline.train.resume_point import resume_point
 from pipeline.train.safe_load import weights_only_loads
 
 __all__ = ["verify_inputs", "weights_only_loads"]

@@ -22,11 +22,11 @@ import contextlib
 import json
 import signal
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.errors import Interrupted
+from pipeline.launch.preamble import drop_own_lease
 from pipeline.eval import EvalError
 from pipeline.eval.evaluate import EvalOptions, EvalSession, check_options, evaluate, lease_settings, scorer
 from pipeline.eval.records import EvalRecord, eval_lock, is_evaluated, load_records, run_config
@@ -106,6 +106,7 @@ def evaluate_once(run_dir: str | Path, step: int | None = None, options: EvalOpt
         with abort_on_signals():
             return evaluate(run_dir, step=step, options=options, **ray)
     except KeyboardInterrupt as exc:
+        drop_own_lease(RunDir(run_dir).eval_dir)
         raise _aborted(exc, "stopped before the checkpoint was scored; nothing was recorded; run the same "
                             "command again") from None
 
@@ -113,8 +114,8 @@ def evaluate_once(run_dir: str | Path, step: int | None = None, options: EvalOpt
 class Missed:
     """Checkpoints retention deleted before this job evaluated them, each reported once by step."""
 
-    def __init__(self, run_dir: str | Path, log, since: float):
-        self.run, self.log, self.since = RunDir(run_dir), log, since
+    def __init__(self, run_dir: str | Path, log):
+        self.run, self.log = RunDir(run_dir), log
         self.steps: set[int] = set()
 
     def add(self, step: int, how: str) -> None:
@@ -123,7 +124,8 @@ class Missed:
             self.log(f"eval --watch: step {step} {how} before it was evaluated; skipped")
 
     def poll(self) -> None:
-        """The steps retention noted while this job ran (deleted between two polls, never seen)."""
+        """The steps retention noted while an eval job held the lease (this one, deleted between two
+        polls and so never seen, or an earlier one): never evaluated, so said again in each summary."""
         store = self.run.storage
         if not store.exists(RunDir.EVAL_MISSED):
             return
@@ -131,10 +133,10 @@ class Missed:
         for line in store.read_bytes(RunDir.EVAL_MISSED).decode("utf-8", errors="replace").splitlines():
             try:
                 row = json.loads(line)
-                step, at = int(row["step"]), float(row.get("time", 0))
+                step = int(row["step"])
             except (ValueError, KeyError, TypeError):
                 continue  # a torn last line
-            if at >= self.since and step not in evaluated:
+            if step not in evaluated:
                 self.add(step, "was deleted by retention (eval.hold_unevaluated reached)")
 
     def summary(self) -> str:
@@ -168,7 +170,7 @@ def watch_loop(run_dir: str | Path, evaluate_one: Callable[[ckpt.Committed], Eva
     """Poll for pending checkpoints and evaluate each; returns this invocation's results."""
     done: list[EvalRecord] = []
     skipped: set[int] = set()  # deleted or broken: reported once, retried only by the next eval job
-    missed = Missed(run_dir, log, since=time.time())
+    missed = Missed(run_dir, log)
     while not stop.is_set():
         for checkpoint in pending(run_dir):
             if stop.is_set() or (max_evals is not None and len(done) >= max_evals):
@@ -219,5 +221,6 @@ def watch(run_dir: str | Path, options: EvalOptions = EvalOptions(), interval_s:
             finally:
                 session.close()
     except KeyboardInterrupt as exc:
+        drop_own_lease(RunDir(run_dir).eval_dir)
         raise _aborted(exc, "eval --watch aborted at once; the checkpoint in progress was not recorded and "
                             "stays pending for the next eval job") from None

@@ -20,6 +20,25 @@ def global_rank(env: Mapping[str, str] | None = None) -> str:
     return env.get("RANK", env.get("SLURM_PROCID", "0"))
 
 
+def cuda_device_count() -> int:
+    """GPUs the CUDA driver offers this process (it honours CUDA_VISIBLE_DEVICES), asked through
+    libcuda without importing torch; 0 where there is no driver."""
+    import ctypes
+
+    for name in ("libcuda.so.1", "libcuda.so", "libcuda.dylib"):
+        try:
+            lib = ctypes.CDLL(name)
+            break
+        except OSError:
+            continue
+    else:
+        return 0
+    count = ctypes.c_int(0)
+    if lib.cuInit(0) != 0 or lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return count.value
+
+
 def cpu_or_cuda() -> str:
     """The DeepSpeed accelerator for ranks we start: cuda when this machine has one."""
     import torch

@@ -151,12 +151,12 @@ def check_paths(cfg) -> None:
 
 
 def check_device(cfg) -> None:
-    """What the ranks started on this machine need from it (fp16 needs CUDA), before any starts."""
-    import torch
-
+    """What the ranks started on this machine need from it (fp16 needs CUDA), before any starts;
+    asks the CUDA driver, not torch, so the parent's checks stay within a second or two."""
+    from pipeline.launch.env import cuda_device_count
     from pipeline.train.compat import precision_problem
 
-    problem = precision_problem(cfg.train.precision, torch.cuda.is_available())
+    problem = precision_problem(cfg.train.precision, cuda_device_count() > 0)
     if problem:
         raise ConfigError(problem)
 
@@ -170,11 +170,11 @@ def check_before_start(cfg) -> None:
 
 def rewind(cfg, log=print) -> None:
     """``checkpoint.resume_from``: set the checkpoints that do not descend from it aside, under the
-    run lock, before the budget is judged or anything resumes (train/resume.py decides which)."""
-    from pipeline.train import resume
+    run lock, before the budget is judged or anything resumes (train/resume_point.py decides which)."""
+    from pipeline.train import resume_point
 
     with lock.run_lock(*lease(cfg)):
-        resume.rewind(cfg, log=log)
+        resume_point.rewind(cfg, log=log)
 
 
 def eval_hold(cfg) -> Callable[[], int | None]:
@@ -199,6 +199,15 @@ def tidy_finished(cfg) -> None:
     with contextlib.suppress(lock.RunLocked), lock.run_lock(*lease(cfg)):
         ckpt.tidy(RunDir(cfg.run_dir).checkpoints, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every_steps,
                   hold=eval_hold(cfg)())
+
+
+def drop_own_lease(directory) -> None:
+    """A signal that stopped this process while it was taking a lease (after the file was written,
+    before the holder could release it) leaves the lease behind: delete it if it names this process."""
+    info = lock.read_lease(directory)
+    if info is not None and info.pid == os.getpid() and info.host == socket.gethostname():
+        with contextlib.suppress(OSError, PipelineError):
+            open_storage(directory).delete(lock.LOCK_FILE)
 
 
 def lease(cfg) -> tuple[str, float, float]:

@@ -21,6 +21,7 @@ Ctrl-C aborts at once.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import signal
 import time
@@ -31,8 +32,8 @@ from pipeline.config import PipelineConfig
 from pipeline.errors import EXIT_USER_ERROR, Halted, Interrupted, PipelineError
 from pipeline.launch import local, lock, ray_train
 from pipeline.launch.env import global_rank, under_launcher
-from pipeline.launch.preamble import (check_before_start, check_paths, eval_hold, guarded, lease, rewind,
-                                      tidy_finished)
+from pipeline.launch.preamble import (check_before_start, check_paths, drop_own_lease, eval_hold, guarded,
+                                      lease, rewind, tidy_finished)
 from pipeline.train.preemption import REPORTS_ENV, report_error
 
 WHO = "pretrain train"
@@ -70,17 +71,17 @@ def run_train(cfg: PipelineConfig, backend: str = "local", num_workers: int | No
     check_paths(cfg)
     if under_launcher(os.environ):  # one rank: its launcher (or our parent) sees to signals and rewinds
         return _dispatch(cfg, backend, num_workers)
-    with _StopOnSignals(cfg) as stop:
+    with _StopOnSignals(cfg):
         try:
-            with stop.deferred():  # an import cut short by an exception leaves modules half-made
-                import torch  # noqa: F401 - what the checks and the ranks' parent need, loaded here
-
-                import pipeline.security  # noqa: F401
             if cfg.checkpoint.resume_from is not None:
                 rewind(cfg)
             return _dispatch(cfg, backend, num_workers)
         except KeyboardInterrupt:  # the second Ctrl-C, raised where training was
+            drop_own_lease(cfg.run_dir)
             raise Interrupted(signal.SIGINT, f"second SIGINT: aborted at once; {local.resumes_from(cfg)}") from None
+        except Interrupted:
+            drop_own_lease(cfg.run_dir)
+            raise
 
 
 class _StopOnSignals:
@@ -89,6 +90,7 @@ class _StopOnSignals:
     signal waits for the block to finish."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+    active: _StopOnSignals | None = None
 
     def __init__(self, cfg: PipelineConfig):
         self.cfg, self.waiting, self.pending = cfg, False, None
@@ -116,11 +118,22 @@ class _StopOnSignals:
 
     def __enter__(self) -> _StopOnSignals:
         self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        _StopOnSignals.active = self
         return self
 
     def __exit__(self, *exc) -> None:
+        _StopOnSignals.active = None
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+
+
+def _load(*modules: str) -> None:
+    """Import the heavy modules the ranks' parent needs (torch, DeepSpeed) with signals deferred:
+    an import cut short by an exception leaves modules half-made."""
+    stop = _StopOnSignals.active
+    with stop.deferred() if stop else contextlib.nullcontext():
+        for name in modules:
+            importlib.import_module(name)
 
 
 def _dispatch(cfg: PipelineConfig, backend: str, num_workers: int | None) -> int:
@@ -193,6 +206,7 @@ def run_own_torchrun(cfg: PipelineConfig) -> int:
     report to us (local._Supervisor)."""
 
     def work(held) -> int:
+        _load("torch")
         os.environ[lock.HELD_ENV] = held.token  # our ranks must not take it again
         try:
             return local.run_torchrun(cfg)
@@ -206,6 +220,7 @@ def run_single_process(cfg: PipelineConfig) -> int:
     """One rank, in this process."""
 
     def work(_held) -> int:
+        _load("torch", "pipeline.train.loop")
         summary = local.run_single_process(cfg, hold=eval_hold(cfg))
         if summary.get("stopped_by") == "SIGINT":
             raise Interrupted(signal.SIGINT, f"SIGINT: saved and stopped; {local.resumes_from(cfg)}")
