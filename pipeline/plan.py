@@ -200,11 +200,14 @@ def _check_data(cfg: PipelineConfig, checks: list[Check]) -> Manifest | None:
     if train_tokens < cfg.train.seq_len + 1:
         checks.append(Check("data", False, f"the train split has {train_tokens} tokens, fewer than one "
                             f"sample of train.seq_len + 1 = {cfg.train.seq_len + 1}"))
-    from pipeline.train.compat import dataset_config_problems, describe_dataset_problems
+    from pipeline.train.compat import dataset_config_problems, describe_dataset_problems, source_differences
 
     problems = dataset_config_problems(cfg, manifest)  # the rule `pretrain train` refuses by
     if problems:
         checks.append(Check("data", False, describe_dataset_problems(cfg, problems)))
+    sources = source_differences(cfg, manifest)
+    if sources:
+        checks.append(Check("data", False, sources, blocking=False))
     return manifest
 
 

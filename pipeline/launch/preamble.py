@@ -153,10 +153,12 @@ def check_paths(cfg) -> None:
 def check_device(cfg) -> None:
     """What the ranks started on this machine need from it (fp16 needs CUDA), before any starts;
     asks the CUDA driver, not torch, so the parent's checks stay within a second or two."""
-    from pipeline.launch.env import cuda_device_count
+    from pipeline.launch.env import cuda_available
     from pipeline.train.compat import precision_problem
 
-    problem = precision_problem(cfg.train.precision, cuda_device_count() > 0)
+    if cfg.train.precision != "fp16":  # the only precision that needs a GPU
+        return
+    problem = precision_problem(cfg.train.precision, cuda_available())
     if problem:
         raise ConfigError(problem)
 

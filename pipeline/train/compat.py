@@ -36,8 +36,6 @@ VOLATILE_MODEL_FIELDS = ("activation_checkpointing", "dropout", "attn_dropout", 
 #: which tokens it holds: a config may differ from the prepared dataset in these
 DATA_HOW_FIELDS = ("output_dir", "executor", "num_cpus", "local_max_bytes", "block_bytes", "shard_max_tokens",
                    "tokenizer.fast_encoder")
-#: source fields read by training, not by prepare (the blend weights)
-SOURCE_TRAIN_FIELDS = ("weight",)
 FALLBACK_HINT = ("use a new run_dir, or the original config and data.output_dir (a dataset grown with "
                  "`pretrain prepare --append` continues the run)")
 
@@ -139,7 +137,9 @@ def _ignored(key: str, grown: bool) -> bool:
     parts = key.split(".")
     if key in DATA_HOW_FIELDS or parts[0] in DATA_HOW_FIELDS:
         return True
-    if parts[0] == "sources" and len(parts) == 3 and parts[2] in SOURCE_TRAIN_FIELDS:
+    # training reads the sources of the manifest, whatever the config lists (weights go by name):
+    # a different list is said by `source_differences`, not refused
+    if parts[0] == "sources":
         return True
     # an append cleans and deduplicates its new files with the config of the day (docs/continued-
     # pretraining.md); the manifest records the first generation's settings only
@@ -148,35 +148,35 @@ def _ignored(key: str, grown: bool) -> bool:
 
 def data_config_changes(recorded: dict, data: DataConfig, grown: bool = False) -> list[str]:
     """Fields of ``data`` (dotted, without ``data.``) that differ from the data section the dataset was
-    prepared with (``recorded``, the manifest's ``config``; none when it records none). ``grown``:
-    the dataset grew by `prepare --append`, which may add sources after the recorded ones."""
+    prepared with (``recorded``, the manifest's ``config``; none when it records none) and change the
+    tokens of the prepared sources: the tokenizer, cleaning, dedup, the validation share. ``grown``:
+    the dataset grew by `prepare --append` (whose new files follow the config's cleaning and dedup)."""
     if not recorded:
         return []
     before, now = _flat(dict(recorded)), _flat(data.model_dump(mode="json"))
-    # a key only one side has is a field another version added or removed, not a change; the
-    # number of sources is compared apart (an append may add sources after the recorded ones)
-    changed = {k for k in before.keys() & now.keys() if before[k] != now[k] and not _ignored(k, grown)}
-    n_before, n_now = len(recorded.get("sources") or []), len(data.sources)
-    if n_now < n_before or (n_now > n_before and not grown):
-        changed.add("sources")
-    return sorted(changed)
+    # a key only one side has is a field another version added or removed, not a change
+    return sorted(k for k in before.keys() & now.keys() if before[k] != now[k] and not _ignored(k, grown))
+
+
+def source_differences(cfg: PipelineConfig, manifest: Manifest) -> str | None:
+    """How the config's source list differs from the prepared dataset's, or None (a warning: training
+    draws from the prepared sources, blended by the weights of the configured ones of the same name)."""
+    names = [s.resolved_name for s in cfg.data.sources]
+    prepared = [s.name for s in manifest.sources]
+    missing, extra = [n for n in names if n not in prepared], [n for n in prepared if n not in names]
+    if not (missing or extra):
+        return None
+    return (f"data.sources {names} are not the prepared dataset's {prepared}: training draws from the prepared "
+            f"ones" + (f" ({extra} at weight 1)" if extra else "") + "; `pretrain prepare --append` adds new "
+            f"sources, `pretrain prepare --force` rebuilds")
 
 
 def dataset_config_problems(cfg: PipelineConfig, manifest: Manifest) -> list[str]:
     """Every reason ``cfg`` would not train on what the prepared dataset holds (empty: it does)."""
-    names = [s.resolved_name for s in cfg.data.sources]
     prepared = [s.name for s in manifest.sources]
-    if not names:
+    if not cfg.data.sources:
         return [f"data.sources is empty, but {cfg.data.output_dir} was prepared from sources {prepared}"]
     problems = []
-    missing = [n for n in names if prepared and n not in prepared]
-    if missing:
-        problems.append(f"data.sources {missing} are not in the prepared dataset (`pretrain prepare --append` "
-                        f"adds them)")
-    dropped = [n for n in prepared if n not in names]
-    if dropped:
-        problems.append(f"the prepared dataset holds sources {dropped} that data.sources does not list (training "
-                        f"would still draw from them)")
     changed = data_config_changes(manifest.config, cfg.data, grown=bool(manifest.appends))
     if changed:
         before, now = _flat(dict(manifest.config)), _flat(cfg.data.model_dump(mode="json"))

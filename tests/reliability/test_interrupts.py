@@ -171,3 +171,43 @@ def test_a_second_signal_aborts_eval_watch_and_the_next_watch_goes_on(reference,
     again, _ = run_cli("eval", str(run_dir), "--watch", "--interval-s", "1", "--until-step", "8")
     assert again.returncode == 0 and "done" in again.stdout, again.stdout[-2000:]
     assert _eval_jsons(run_dir) == [6, 8]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(12))
+def test_sweep_a_signal_at_a_seeded_moment_ends_in_one_line_and_loses_nothing(tiny, tmp_path, seed):
+    """SIGINT or SIGTERM at a seeded moment from start-up into training (0.5–12 s): before the ranks
+    train it is one line and exit 128+N; once they train it is the preemption (SIGTERM: exit 0,
+    SIGINT: one line and 130), with a commit at the next step boundary. Never a traceback, never
+    anything left running, every committed checkpoint whole."""
+    import random
+
+    rng = random.Random(seed)
+    signum, delay = rng.choice([signal.SIGINT, signal.SIGTERM]), rng.uniform(0.5, 12.0)
+    cfg, run_dir = tiny.config(f"sweep-{seed}", train={"max_steps": 5000})
+    job = Job(tmp_path, "sweep", "train", str(cfg))
+    try:
+        deadline = time.monotonic() + delay
+        while time.monotonic() < deadline and job.proc.poll() is None:
+            job.tree()
+            time.sleep(0.01)
+        assert job.proc.poll() is None, job.stderr()[-3000:]
+        trained_before = logged_steps(run_dir)
+        job.signal(signum)
+        rc = job.wait(120)
+        left = job.left_running()
+    finally:
+        job.kill_all()
+    name, committed = signal.Signals(signum).name, _committed(run_dir)
+    assert not left and not [s for s in ("Traceback", "ChildFailedError", "Signal 15") if s in job.stderr()]
+    for step in committed:
+        ckpt.verify_checkpoint(run_dir / "checkpoints" / ckpt.tag_for(step))
+    if committed and committed[-1] > trained_before:  # the ranks were training: a preemption save
+        stopped = ckpt.latest_committed(run_dir / "checkpoints").state().stopped_by
+        assert stopped == name and rc == (130 if signum == signal.SIGINT else 0), (rc, job.stderr()[-2000:])
+        if signum == signal.SIGINT:
+            assert_one_line(job.stderr(), "SIGINT: saved and stopped")
+    else:
+        assert rc == 128 + signum, (delay, rc, job.stderr()[-2000:])
+        assert_one_line(job.stderr(), name, "stopped")
+    print(f"seed {seed}: {name} after {delay:.1f}s, {trained_before} steps logged → exit {rc}, committed {committed}")

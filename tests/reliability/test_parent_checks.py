@@ -28,8 +28,6 @@ CASES = [
     ("data-validation-share-changed", ["data.validation_fraction=0.2"], 2,
      ["data.validation_fraction", "`pretrain prepare` again"], False),
     ("no-sources", ["data.sources=[]"], 2, ["data.sources is empty", "['docs']"], False),
-    ("source-not-prepared", ["data.sources=[{path: /elsewhere/web.jsonl, name: web}]"], 2,
-     ["data.sources ['web'] are not in the prepared dataset", "--append"], False),
     ("global-batch-changed", ["train.max_steps=10", "train.global_batch_size=8"], 1,
      ["step_00000008", "train.global_batch_size: checkpoint 4, config 8"], True),
     ("schedule-changed-refused", ["train.max_steps=12", "optim.on_resume_schedule_change=refuse"], 2,
@@ -87,7 +85,8 @@ def test_fields_that_only_change_how_data_is_written_are_not_a_mismatch(tiny):
                             "data.tokenizer.fast_encoder=false",
                             f"data.sources=[{{path: '{tiny.sources}', weight: 3.0}}]"])
     assert compat.dataset_config_problems(how, manifest) == []
-    what = load_config(cfg, ["data.tokenizer.min_frequency=3", "data.clean.min_chars=10"])
+    what = load_config(cfg, ["data.tokenizer.min_frequency=3", "data.clean.min_chars=10",
+                             "data.sources=[{path: /x/other.jsonl}]"])
     (problem,) = compat.dataset_config_problems(what, manifest)
     assert "data.clean.min_chars" in problem and "data.tokenizer.min_frequency" in problem
 
@@ -97,3 +96,15 @@ def test_plan_reports_the_same_mismatch_as_a_blocking_check(tiny):
     proc, _ = run_cli("plan", str(cfg), "--set", "data.tokenizer.vocab_size=1024")
     assert proc.returncode == 1, proc.stdout[-2000:]
     assert "[FAIL] data" in proc.stdout and "data.tokenizer.vocab_size (prepared 512, config 1024)" in proc.stdout
+
+
+def test_another_source_list_is_a_warning_not_a_refusal(tiny):
+    """Training draws from the prepared sources whatever the config lists (its weights go by name),
+    so another list is said by `plan`, and `train` is not refused for it."""
+    cfg, _ = tiny.config("plan-sources")
+    proc, _ = run_cli("plan", str(cfg), "--set", "data.sources=[{path: /elsewhere/web.jsonl, name: web}]")
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    (warn,) = [line for line in proc.stdout.splitlines() if line.startswith("[warn] data")]
+    assert "['web'] are not the prepared dataset's ['docs']" in warn and "--append" in warn
+    manifest = read_manifest(tiny.data_dir)
+    assert compat.dataset_config_problems(load_config(cfg, ["data.sources=[{path: /x/web.jsonl}]"]), manifest) == []
