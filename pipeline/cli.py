@@ -224,8 +224,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from pipeline.eval.evaluate import EvalError, EvalOptions, evaluate
-    from pipeline.eval.watch import watch
+    from pipeline.eval.evaluate import EvalError, EvalOptions
+    from pipeline.eval.watch import evaluate_once, watch
     from pipeline.rundir import RunDir
 
     lm_eval = tuple(t.strip() for arg in args.lm_eval for t in arg.split(",") if t.strip())
@@ -235,7 +235,7 @@ def cmd_eval(args) -> int:
     if not args.watch:
         if args.max_evals is not None or args.until_step is not None:
             raise EvalError("--max-evals and --until-step apply to --watch only")
-        evaluate(args.run_dir, step=args.checkpoint, options=options, **ray)
+        evaluate_once(args.run_dir, step=args.checkpoint, options=options, **ray)
         return 0
     if args.checkpoint is not None:
         raise EvalError("--checkpoint and --watch exclude each other (--watch evaluates every checkpoint)")

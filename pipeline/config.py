@@ -432,6 +432,14 @@ class OptimConfig(Section):
     betas: tuple[float, float] = Field((0.9, 0.95), description="Adam beta1, beta2.")
     eps: float = Field(1e-8, gt=0.0, description="Adam epsilon.")
     grad_clip: float = Field(1.0, ge=0.0, description="Max global grad norm (0: no clipping).")
+    on_resume_schedule_change: Literal["continue", "restart", "refuse"] = Field(
+        "continue",
+        description="When a resumed run's schedule (train.max_steps, warmup_steps, schedule, lr, min_lr_ratio, "
+        "wsd_decay_fraction) differs from the checkpoint's. continue: keep the LR the checkpoint was at and "
+        "decay from it over the remaining steps (no jump). restart: a new warmup from the checkpoint's LR "
+        "to lr, then decay to the end. refuse: stop before any rank starts (exit 2). "
+        "See docs/continued-pretraining.md.",
+    )
 
     @field_validator("betas")
     @classmethod
@@ -535,11 +543,22 @@ class CheckpointConfig(Section):
         "this many seconds, or exit 143 without a checkpoint. Keep it below the scheduler's notice "
         "(Slurm --signal lead, Kubernetes terminationGracePeriodSeconds).",
     )
+    resume_from: int | None = Field(
+        None, ge=0, description="Resume from the committed checkpoint of this step instead of the newest "
+        "(e.g. when the newest is corrupt); newer checkpoints are moved to checkpoints/.aside/ first. "
+        "Checkpoints this run writes afterwards carry the mark, so a restart with the same setting "
+        "continues from them instead of rewinding again (None: the newest).",
+    )
 
 
 class EvalConfig(Section):
     max_samples: int | None = Field(256, ge=1, description="Validation samples scored (None: all).")
     micro_batch_size: int = Field(8, ge=1)
+    hold_unevaluated: int = Field(
+        3, ge=0, description="While an eval job holds the run's eval lease (`pretrain eval --watch`), "
+        "checkpoint retention keeps up to this many committed checkpoints it would delete but that have "
+        "no eval.json yet, so a slow eval job does not lose steps (0: retention ignores eval jobs).",
+    )
 
 
 class TrackingConfig(Section):

@@ -7,6 +7,7 @@ one line and exits with it. No module lists exit codes by hand.
     exit 2  ConfigError     a config field, an option or a combination of them is wrong
     exit 3  LockHeld        another live process holds the run (or dataset) directory's lease
     exit 4  Halted          training stopped itself; the last committed checkpoint is intact
+    128+N   Interrupted     signal N stopped the command (130: SIGINT, 143: SIGTERM); it resumes
 
 `CorruptFile` is the one class for a file whose bytes cannot be what we wrote: a bad hash, bad UTF-8,
 a wrong JSON type, a missing key. Each layer's errors (ManifestError, CheckpointError, …) subclass
@@ -53,6 +54,26 @@ class Halted(PipelineError, RuntimeError):
 
     exit_code = EXIT_HALTED
     prefix_error = False
+
+
+class Interrupted(PipelineError, RuntimeError):
+    """A signal stopped the command; the message says what was kept and how the next run resumes."""
+
+    prefix_error = False
+
+    def __init__(self, signum: int, message: str):
+        self.signum, self.exit_code = int(signum), 128 + int(signum)
+        super().__init__(message)
+
+
+class DiskFull(UserError):
+    """The filesystem ran out of space while writing; nothing half-written was committed."""
+
+    def __init__(self, path, needs_bytes: int | None, free_bytes: int | None, what: str = ""):
+        self.path = str(path)
+        needs = f"needs ~{needs_bytes / 1e6:,.0f} MB" if needs_bytes else "needs more"
+        free = f"{free_bytes / 1e6:,.0f} MB free" if free_bytes is not None else "free space unknown"
+        super().__init__(f"no space left on device writing {path} ({needs}, {free}){what}")
 
 
 class CorruptFile(UserError):

@@ -245,23 +245,15 @@ def _check_data(cfg: PipelineConfig, checks: list[Check]) -> Manifest | None:
     if train_tokens < cfg.train.seq_len + 1:
         checks.append(Check("data", False, f"the train split has {train_tokens} tokens, fewer than one "
                             f"sample of train.seq_len + 1 = {cfg.train.seq_len + 1}"))
-    changed = _data_config_changes(manifest.config, cfg)
-    if changed:
-        checks.append(Check("data", False, f"the config's data section differs from the one this dataset "
-                            f"was prepared with ({', '.join('data.' + k for k in changed)}); run "
-                            f"`pretrain prepare` again or train as it is", blocking=False))
+    from pipeline.train.compat import dataset_config_problems, describe_dataset_problems, source_differences
+
+    problems = dataset_config_problems(cfg, manifest)  # the rule `pretrain train` refuses by
+    if problems:
+        checks.append(Check("data", False, describe_dataset_problems(cfg, problems)))
+    sources = source_differences(cfg, manifest)
+    if sources:
+        checks.append(Check("data", False, sources, blocking=False))
     return manifest
-
-
-def _data_config_changes(recorded: dict, cfg: PipelineConfig) -> list[str]:
-    """Fields of the data section that differ from the ones the dataset was prepared with (none when
-    the manifest does not record them); fields that change how, not what, is written are left out."""
-    if not recorded:
-        return []
-    recorded, current = dict(recorded), cfg.data.model_dump(mode="json")
-    for how in ("num_cpus", "executor", "local_max_bytes", "block_bytes", "document_masking"):
-        recorded.pop(how, None), current.pop(how, None)
-    return sorted(k for k in set(recorded) | set(current) if recorded.get(k) != current.get(k))
 
 
 def _check_checkpoint(cfg: PipelineConfig, manifest: Manifest | None, checks: list[Check]) -> None:
@@ -287,12 +279,61 @@ def _check_checkpoint(cfg: PipelineConfig, manifest: Manifest | None, checks: li
         checks.append(Check("checkpoint", False, f"{newest.path} cannot be resumed with this config: "
                             + "; ".join(problems) + ". Use a new run_dir or the original config"))
         return
+    _check_schedule(cfg, state, checks)
     era = (" on a dataset grown by `prepare --append` since (a new data era starts there)"
            if sha is not None and state.data_manifest_sha256 != sha else "")
     budget = (f"; train.max_steps ({cfg.train.max_steps}) is reached: `pretrain train` will do nothing"
               if state.step >= cfg.train.max_steps else f", {cfg.train.max_steps - state.step} steps to go")
     checks.append(Check("checkpoint", True, f"resumes from {newest.path} at step {state.step} (trained on world "
                         f"size {state.world_size}){era}{budget}"))
+
+
+def _check_schedule(cfg: PipelineConfig, state, checks: list[Check]) -> None:
+    """A resumed run whose LR schedule differs from the checkpoint's: refused, or said."""
+    from pipeline.train.compat import schedule_problem
+    from pipeline.train.schedule import describe_change, resumed
+
+    refusal = schedule_problem(cfg, state)
+    if refusal:
+        checks.append(Check("schedule", False, refusal))
+        return
+    schedule, changed = resumed(state.lr_schedule, cfg.optim, cfg.train.max_steps, state.step)
+    if changed:
+        checks.append(Check("schedule", False, describe_change(schedule, changed), blocking=False))
+
+
+def _check_disk(cfg: PipelineConfig, checks: list[Check]) -> None:
+    """Warn when checkpoint.keep_last checkpoints (plus the one being written) exceed the free space."""
+    import shutil
+    from pathlib import Path
+
+    from pipeline.train.checkpoint import checkpoint_bytes
+
+    if cfg.model.vocab_size is None:
+        return
+    one = checkpoint_bytes(RunDir(cfg.run_dir).checkpoints, param_count(cfg.model), cfg.train.precision)
+    where = next((p for p in (Path(cfg.run_dir), *Path(cfg.run_dir).absolute().parents) if p.is_dir()), None)
+    if one is None or where is None:
+        return
+    free = shutil.disk_usage(where).free + _checkpoint_bytes_there(cfg)
+    keep = cfg.checkpoint.keep_last + 1  # retention deletes the oldest only after the new one is committed
+    need = one * keep
+    ok = need <= free
+    checks.append(Check("disk", ok, f"{keep} checkpoints of ~{one / 1e6:,.0f} MB (checkpoint.keep_last "
+                        f"{cfg.checkpoint.keep_last} + the one being written) {'fit in' if ok else 'exceed'} the "
+                        f"{free / 1e6:,.0f} MB free at {where}" + ("" if ok else "; free space or lower "
+                        "checkpoint.keep_last, or a save will fail with `no space left on device`"), blocking=False))
+
+
+def _checkpoint_bytes_there(cfg: PipelineConfig) -> int:
+    """Bytes the run's committed checkpoints already take (retention frees them for new ones)."""
+    from pipeline.train.checkpoint import committed_checkpoints
+
+    total = 0
+    for c in committed_checkpoints(RunDir(cfg.run_dir).checkpoints):
+        store = c.storage
+        total += sum(store.size(k) for k in store.list())
+    return total
 
 
 def _resolve_vocab(cfg: PipelineConfig, manifest: Manifest | None, checks: list[Check]) -> PipelineConfig:
@@ -339,6 +380,7 @@ def preflight(cfg: PipelineConfig, world_size: int) -> tuple[PipelineConfig, lis
     manifest = _check_data(cfg, checks)
     cfg = _resolve_vocab(cfg, manifest, checks)
     _check_checkpoint(cfg, manifest, checks)
+    _check_disk(cfg, checks)
     return cfg, checks
 
 

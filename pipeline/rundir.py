@@ -64,6 +64,9 @@ class RunDir:
     LATEST = "latest"
     COMMIT = "COMMIT"
     UNIVERSAL = ".universal"
+    ASIDE = ".aside"  # inside checkpoints/: checkpoints moved out of the way (checkpoint.resume_from)
+    EVAL_MISSED = "eval/deleted_unevaluated.jsonl"  # retention deleted these while an eval job ran
+    LAST_RUN = "last_run.json"  # how the last `pretrain train` on the run ended (launch/preamble.py)
 
     def __init__(self, root: str | Path):
         object.__setattr__(self, "root", Path(root))

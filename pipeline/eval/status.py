@@ -3,11 +3,18 @@
 Progress counts tokens: ``consumed_samples × seq_len`` of a budget of ``max_steps × global batch ×
 seq_len`` (from the run's newest config.yaml, so a resume that raised max_steps moves the budget).
 The ETA divides what is left by the mean of the last few ``train/tokens_per_s`` logged.
+
+The phase comes from the run lock and the last records: *running* while a trainer's lease on
+run.lock is live (renewed, its process alive); *crashed* when a lease is left behind by a holder
+that died (SIGKILL, OOM, power loss: nothing released it); otherwise how the last `pretrain train`
+ended, as its holder wrote it (RUN_DIR/last_run.json: finished, stopped, preempted, interrupted,
+halted, failed). A run directory without either falls back to the log's age.
 """
 
 from __future__ import annotations
 
 import json
+import socket
 import time
 from pathlib import Path
 
@@ -40,6 +47,36 @@ def _phase(done: int, budget: int, metrics: list[dict], last_log: float | None, 
     if last_log is not None and now - last_log > STALE_AFTER_S:
         return "stopped or stalled"
     return "running" if metrics else "not started"
+
+
+def _lease_phase(run: RunDir, now: float) -> tuple[str, str] | None:
+    """(phase, detail) from the run lock: running (a live lease) or crashed (a dead holder's)."""
+    from pipeline.launch.lock import is_stale, read_lease
+
+    info = read_lease(run.root)
+    if info is None:
+        return None
+    if not is_stale(info, now, socket.gethostname()):
+        return "running", f"trainer {info.describe(now)}"
+    return "crashed", (f"its trainer (pid {info.pid} on {info.host}) died without releasing {RunDir.LOCK}: killed, "
+                       f"out of memory or lost; `pretrain train` resumes from the newest checkpoint")
+
+
+def _end_phase(run: RunDir, done: int, budget: int) -> tuple[str, str] | None:
+    """(phase, detail) from how the last `pretrain train` ended, as it recorded."""
+    from pipeline.launch.preamble import read_run_end
+
+    end = read_run_end(run.root)
+    if end is None:
+        return None
+    ago = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(end.time))
+    at = f" at step {end.step}" if end.step is not None else ""
+    how = {"preempted": f"preempted by {end.signal}{at}", "interrupted": f"interrupted ({end.signal}){at}",
+           "halted": f"halted{at}: {end.message}", "failed": f"failed{at}: {end.message}",
+           "stopped": f"stopped{at} (train.stop_at_step, or a late firing)", "finished": f"finished{at}"}
+    phase = "finished" if done >= budget else end.outcome
+    resume = "" if phase == "finished" else "; `pretrain train` resumes from the newest checkpoint"
+    return phase, f"{how.get(end.outcome, end.outcome)} (exit {end.exit_code}, {ago}){resume}"
 
 
 def _last_eval(records: list[EvalRecord]) -> dict | None:
@@ -75,9 +112,14 @@ def run_status(run_dir: str | Path, now: float | None = None) -> dict:
     done = consumed * cfg.train.seq_len
     last_log = max((r.get("time", 0) for r in metrics), default=None)
     records = load_records(run.root)
-    phase = _phase(done, budget, metrics, last_log, now)
+    phase, detail = _lease_phase(run, now) or _end_phase(run, done, budget) or (
+        _phase(done, budget, metrics, last_log, now), "")
+    if phase != "running" and done >= budget:
+        phase = "finished"
+    if phase == "running" and last_log is not None and now - last_log > STALE_AFTER_S:
+        detail += f"; but nothing logged for {format_duration(now - last_log)}: stalled?"
     return {
-        "run_dir": str(run.root), "name": cfg.name, "arch": cfg.model.arch, "phase": phase,
+        "run_dir": str(run.root), "name": cfg.name, "arch": cfg.model.arch, "phase": phase, "phase_detail": detail,
         "step": step, "max_steps": cfg.train.max_steps,
         "tokens_done": done, "tokens_budget": budget, "progress": min(done / budget, 1.0),
         "tokens_per_s": tokens_per_s,
@@ -94,12 +136,15 @@ def run_status(run_dir: str | Path, now: float | None = None) -> dict:
 
 def format_status(s: dict) -> str:
     ck = s["checkpoint"]
+    detail = s.get("phase_detail")
     lines = [
-        f"run:         {s['name']} ({s['arch']}) at {s['run_dir']}: {s['phase']}",
+        f"run:         {s['name']} ({s['arch']}) at {s['run_dir']}: {s['phase']}" + (f": {detail}" if detail else ""),
         f"progress:    step {s['step']:,} of {s['max_steps']:,}; {s['tokens_done']:,} of {s['tokens_budget']:,} "
         f"tokens ({s['progress'] * 100:.1f}%)",
         "speed:       " + (f"{s['tokens_per_s']:,.0f} tokens/s (mean of the last {RECENT_LOGS} logs); "
-                            f"ETA {format_duration(s['eta_s'])}" if s["tokens_per_s"] else "no throughput logged yet")
+                            + (f"ETA {format_duration(s['eta_s'])}" if s["phase"] in ("running", "finished", "not started")
+                               or s["eta_s"] is not None else "no ETA: not running")
+                            if s["tokens_per_s"] else "no throughput logged yet")
         + (f"; last log {format_duration(s['last_log_age_s'])} ago" if s["last_log_age_s"] is not None else ""),
         "checkpoint:  " + (f"step {ck['step']:,} → {ck['path']}" if ck else "none committed yet"),
     ]

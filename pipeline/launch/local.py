@@ -7,16 +7,21 @@ their parent (a rank must never outlive the process that holds the run lock).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 from pipeline.config import PipelineConfig, to_yaml
+from pipeline.errors import Interrupted, PipelineError
 from pipeline.launch.env import cpu_or_cuda
 from pipeline.rundir import RunDir
+from pipeline.train.preemption import REPORTS_ENV, first_error, ready_ranks
 
 
 def free_port() -> int:
@@ -77,13 +82,14 @@ def child_pids(pid: int) -> list[int]:
 
 
 def run_torchrun(cfg: PipelineConfig) -> int:
-    """Run `nproc_per_node` ranks of `pretrain train` on the resolved config.
+    """Run `nproc_per_node` ranks of `pretrain train` on the resolved config; torchrun's exit code.
 
     torchrun runs in its own session, so a signal sent to our process group (a terminal, `timeout`,
-    a scheduler) reaches only us, and we decide where it goes: SIGTERM and SIGUSR1 (preemption) go
-    straight to the ranks, which save, commit and exit 0, after which torchrun exits 0 as well. Had
-    torchrun itself received SIGTERM it would tear the ranks down and exit non-zero. SIGINT goes to
-    torchrun: stop now, no checkpoint.
+    a scheduler) reaches only us, and `_Supervisor` decides where it goes: SIGTERM, SIGUSR1 and SIGINT
+    go straight to the ranks once they have their handlers, and they save, commit and exit 0, after
+    which torchrun exits 0 as well (had torchrun itself received SIGTERM it would tear the ranks down
+    and exit non-zero). Before the ranks have handlers, or at a second Ctrl-C, the ranks are stopped
+    at once. An error a rank reports ends the job with that one line and its exit code.
     """
     config_path = write_resolved_config(cfg)
     cmd = [
@@ -92,34 +98,129 @@ def run_torchrun(cfg: PipelineConfig) -> int:
         "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
         "-m", "pipeline.cli", "train", str(config_path),
     ]
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    env.setdefault("DS_ACCELERATOR", cpu_or_cuda())
-    proc = subprocess.Popen(dying_with_us(cmd), env=env, start_new_session=True)
+    with tempfile.TemporaryDirectory(prefix="pretrain-ranks-") as reports:
+        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), **{REPORTS_ENV: reports})
+        env.setdefault("DS_ACCELERATOR", cpu_or_cuda())
+        proc = subprocess.Popen(dying_with_us(cmd), env=env, start_new_session=True)
+        supervisor = _Supervisor(proc, reports, cfg.train.nproc_per_node)
+        previous = {s: signal.signal(s, supervisor.on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+        try:
+            return supervisor.wait(cfg)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
 
-    def forward(signum, _frame):
-        ranks = child_pids(proc.pid) if signum != signal.SIGINT else []
-        for pid in ranks or [proc.pid]:
-            try:
+
+class _Supervisor:
+    """Our torchrun and its ranks: where a signal goes, and what the job's end says."""
+
+    POLL_S = 0.05
+
+    def __init__(self, proc: subprocess.Popen, reports: str, nproc: int):
+        self.proc, self.reports, self.nproc = proc, reports, nproc
+        self.forwarded: int | None = None  # the signal passed to the ranks
+        self.stopped: tuple[int, str] | None = None  # (signal, why) when we stopped the ranks ourselves
+
+    def _kill(self) -> None:
+        """SIGKILL the ranks and torchrun's session (a rank still importing has no PR_SET_PDEATHSIG yet)."""
+        for pid in [*child_pids(self.proc.pid), -self.proc.pid]:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+
+    def on_signal(self, signum, _frame) -> None:
+        if self.stopped is not None:
+            return
+        if self.forwarded is not None:
+            if signum == signal.SIGINT:  # Ctrl-C twice: stop now
+                self.stopped = (signum, "second")
+                self._kill()
+            return
+        if ready_ranks(self.reports) < self.nproc:  # a rank without handlers would die of it, loudly
+            self.stopped = (signum, "start-up")
+            self._kill()
+            return
+        self.forwarded = signum
+        for pid in child_pids(self.proc.pid) or [self.proc.pid]:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
-            except ProcessLookupError:
+
+    def wait(self, cfg: PipelineConfig) -> int:
+        while True:
+            try:
+                rc = self.proc.wait(self.POLL_S)
+                break
+            except subprocess.TimeoutExpired:
                 pass
+            if self.stopped is None and first_error(self.reports) is not None:
+                ranks = child_pids(self.proc.pid)
+                self._kill()  # before torchrun prints its report of the failure over it
+                rc = self.proc.wait()
+                _drop_unfinished_saves(cfg, ranks)
+                break
+        reported = first_error(self.reports)
+        if reported is not None and self.stopped is None:
+            raise _reported_error(reported)
+        return self._ending(cfg, rc)
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
-    try:
-        return proc.wait()
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+    def _ending(self, cfg: PipelineConfig, rc: int) -> int:
+        if self.stopped is not None:
+            signum, why = self.stopped
+            name = signal.Signals(signum).name
+            if why == "start-up":
+                raise Interrupted(signum, f"{name} during start-up, before the ranks were ready: stopped them; "
+                                          f"{resumes_from(cfg)}")
+            raise Interrupted(signum, f"second {name}: stopped the ranks at once; {resumes_from(cfg)}")
+        if self.forwarded == signal.SIGINT and rc == 0:
+            raise Interrupted(signal.SIGINT, f"SIGINT: saved and stopped; {resumes_from(cfg)}")
+        return rc
 
 
-def run_single_process(cfg: PipelineConfig) -> dict:
+def _drop_unfinished_saves(cfg: PipelineConfig, ranks: list[int], patience_s: float = 5.0) -> None:
+    """Once the killed ranks are gone, delete the staging trees of saves newer than the newest commit
+    (nothing of them was committed, and a full disk gets its space back)."""
+    from pipeline.rundir import staged_step_of
+    from pipeline.storage import STAGING_PREFIX
+    from pipeline.train.checkpoint import latest_committed
+
+    deadline = time.monotonic() + patience_s
+    while any(Path(f"/proc/{pid}").exists() for pid in ranks) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    store = RunDir(cfg.run_dir).checkpoint_storage
+    newest = latest_committed(RunDir(cfg.run_dir).checkpoints, verify=False)
+    for name in store.children():
+        step = staged_step_of(name)
+        if name.startswith(STAGING_PREFIX) and step is not None and step > (newest.step if newest else -1):
+            with contextlib.suppress(OSError):
+                store.delete_tree(name)
+
+
+def resumes_from(cfg: PipelineConfig) -> str:
+    """The end of a line about a stopped run: where the same command goes on from."""
+    from pipeline.train.checkpoint import latest_committed
+
+    newest = latest_committed(RunDir(cfg.run_dir).checkpoints, verify=False)
+    if newest is None:
+        return "no checkpoint is committed yet: the same command starts from step 0"
+    return f"the same command resumes from step {newest.step} ({newest.path})"
+
+
+def _reported_error(report: dict) -> PipelineError:
+    """The error a rank reported, as the one line (and exit code) it would have printed itself."""
+    err = PipelineError(report.get("message", "a rank failed"))
+    err.exit_code = int(report.get("exit_code", 1))
+    err.prefix_error = bool(report.get("prefix_error", True))
+    return err
+
+
+def run_single_process(cfg: PipelineConfig, hold=None) -> dict:
+    """One rank in this process; ``hold``: see `pipeline.train.loop.train`."""
     from pipeline.train.loop import train
 
     os.environ.setdefault("DS_ACCELERATOR", cpu_or_cuda())
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(free_port()))
     try:
-        return train(cfg)
+        return train(cfg, hold=hold)
     finally:
         import torch.distributed as dist
 

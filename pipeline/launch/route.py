@@ -10,20 +10,31 @@
     single-process  otherwise                                   this process
 
 Every route but budget-spent runs its work inside `preamble.guarded` (budget, run lock, inputs
-verified by the parent before any rank starts, a halt → one line and its exit code).
+verified by the parent before any rank starts, a halt → one line and its exit code). Before that,
+`run_train` refuses paths that cannot work, sets aside what ``checkpoint.resume_from`` rewinds past
+and, in a process that no launcher started, turns a signal into one line: SIGINT/SIGTERM before the
+ranks are training stops at once (`Interrupted`: exit 130/143), SIGINT while they train commits at
+the next step boundary and exits 130 (SIGTERM: exit 0, the preemption contract), and a second
+Ctrl-C aborts at once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import os
+import signal
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from pipeline.config import PipelineConfig
-from pipeline.errors import EXIT_USER_ERROR
+from pipeline.errors import EXIT_USER_ERROR, Halted, Interrupted, PipelineError
 from pipeline.launch import local, lock, ray_train
 from pipeline.launch.env import global_rank, under_launcher
-from pipeline.launch.preamble import guarded, lease, tidy_finished
+from pipeline.launch.preamble import (check_before_start, check_paths, drop_own_lease, eval_hold, guarded,
+                                      lease, rewind, tidy_finished)
+from pipeline.train.preemption import REPORTS_ENV, report_error
 
 WHO = "pretrain train"
 RAY_DRIVER = "ray-driver"
@@ -57,6 +68,75 @@ def choose_route(backend: str, nproc_per_node: int, env: Mapping[str, str], spen
 
 def run_train(cfg: PipelineConfig, backend: str = "local", num_workers: int | None = None) -> int:
     """`pretrain train`: choose the route and run it; the exit code of the command."""
+    check_paths(cfg)
+    if under_launcher(os.environ):  # one rank: its launcher (or our parent) sees to signals and rewinds
+        return _dispatch(cfg, backend, num_workers)
+    with _StopOnSignals(cfg):
+        try:
+            if cfg.checkpoint.resume_from is not None:
+                rewind(cfg)
+            return _dispatch(cfg, backend, num_workers)
+        except KeyboardInterrupt:  # the second Ctrl-C, raised where training was
+            drop_own_lease(cfg.run_dir)
+            raise Interrupted(signal.SIGINT, f"second SIGINT: aborted at once; {local.resumes_from(cfg)}") from None
+        except Interrupted:
+            drop_own_lease(cfg.run_dir)
+            raise
+
+
+class _StopOnSignals:
+    """Until the ranks install their own handlers (and after), SIGINT/SIGTERM/SIGUSR1 end the command
+    with one line (`Interrupted`) instead of a traceback or a silent death; inside ``deferred()`` the
+    signal waits for the block to finish."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+    active: _StopOnSignals | None = None
+
+    def __init__(self, cfg: PipelineConfig):
+        self.cfg, self.waiting, self.pending = cfg, False, None
+        self.previous: dict = {}
+
+    def _stop(self, signum: int):
+        return Interrupted(signum, f"{signal.Signals(signum).name} before the ranks were training: stopped; "
+                                   f"{local.resumes_from(self.cfg)}")
+
+    def _handle(self, signum, _frame) -> None:
+        if self.waiting:
+            self.pending = self.pending or signum
+            return
+        raise self._stop(signum)
+
+    @contextlib.contextmanager
+    def deferred(self):
+        self.waiting = True
+        try:
+            yield
+        finally:
+            self.waiting = False
+        if self.pending is not None:
+            raise self._stop(self.pending)
+
+    def __enter__(self) -> _StopOnSignals:
+        self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        _StopOnSignals.active = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _StopOnSignals.active = None
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def _load(*modules: str) -> None:
+    """Import the heavy modules the ranks' parent needs (torch, DeepSpeed) with signals deferred:
+    an import cut short by an exception leaves modules half-made."""
+    stop = _StopOnSignals.active
+    with stop.deferred() if stop else contextlib.nullcontext():
+        for name in modules:
+            importlib.import_module(name)
+
+
+def _dispatch(cfg: PipelineConfig, backend: str, num_workers: int | None) -> int:
     route = choose_route(backend, cfg.train.nproc_per_node, os.environ, spent=lock.budget_spent(cfg))
     if route.name == RAY_DRIVER:
         return run_ray_driver(cfg, num_workers)
@@ -87,14 +167,30 @@ def run_under_launcher(cfg: PipelineConfig) -> int:
         from pipeline.train.loop import train
 
         try:
-            train(cfg)
+            train(cfg, hold=eval_hold(cfg))
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
         return 0
 
     say = print if global_rank() == "0" else _silent
-    return guarded(cfg, work, who=WHO, hold=lambda: lock.rank_lock(*lease(cfg)), verify=False, say=say)
+    reporting = bool(os.environ.get(REPORTS_ENV))
+    try:
+        return guarded(cfg, work, who=WHO, hold=lambda: lock.rank_lock(*lease(cfg)), verify=False, say=say,
+                       halt_raises=reporting)
+    except PipelineError as exc:
+        line = f"stopped: {exc}" if isinstance(exc, Halted) else str(exc)
+        if not report_error(int(global_rank()), line, exc.exit_code, exc.prefix_error):
+            raise
+        return _wait_to_be_stopped(exc.exit_code)
+
+
+def _wait_to_be_stopped(code: int, patience_s: float = 30.0) -> int:
+    """Our parent read the report and stops the ranks; exit by ourselves only if it does not."""
+    deadline = time.monotonic() + patience_s
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+    return code
 
 
 def run_budget_spent(cfg: PipelineConfig, why: str) -> int:
@@ -106,9 +202,11 @@ def run_budget_spent(cfg: PipelineConfig, why: str) -> int:
 
 
 def run_own_torchrun(cfg: PipelineConfig) -> int:
-    """train.nproc_per_node ranks under a torchrun we start; they learn that we hold the lock."""
+    """train.nproc_per_node ranks under a torchrun we start; they learn that we hold the lock and
+    report to us (local._Supervisor)."""
 
     def work(held) -> int:
+        _load("torch")
         os.environ[lock.HELD_ENV] = held.token  # our ranks must not take it again
         try:
             return local.run_torchrun(cfg)
@@ -122,14 +220,17 @@ def run_single_process(cfg: PipelineConfig) -> int:
     """One rank, in this process."""
 
     def work(_held) -> int:
-        local.run_single_process(cfg)
+        _load("torch", "pipeline.train.loop")
+        summary = local.run_single_process(cfg, hold=eval_hold(cfg))
+        if summary.get("stopped_by") == "SIGINT":
+            raise Interrupted(signal.SIGINT, f"SIGINT: saved and stopped; {local.resumes_from(cfg)}")
         return 0
 
     return _as_parent(cfg, work)
 
 
 def _as_parent(cfg: PipelineConfig, work) -> int:
-    cfg.gradient_accumulation_steps(cfg.train.nproc_per_node)  # fail before any process starts
+    check_before_start(cfg)  # the batch split, paths and the device: fail before any process starts
     return guarded(cfg, work, who=WHO, hold=lambda: lock.run_lock(*lease(cfg)), verify=True)
 
 

@@ -16,6 +16,8 @@ refused, so nothing can be slipped in for DeepSpeed's globbing loaders to pick u
 
 from __future__ import annotations
 
+import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +34,8 @@ AFTER_COMMIT = (RunDir.EVAL_JSON,)
 
 __all__ = ["COMMIT", "LATEST", "CheckpointError", "CorruptCheckpoint", "Commit", "Committed", "tag_for",
            "committed_step", "committed_checkpoints", "verify_checkpoint", "latest_committed", "commit", "tidy",
-           "retained_steps", "apply_retention", "staging_dir", "resolve_checkpoint"]
+           "retained_steps", "apply_retention", "staging_dir", "resolve_checkpoint", "held_for_eval", "set_aside",
+           "checkpoint_bytes"]
 
 
 def _written_after_commit(name: str) -> bool:
@@ -122,19 +125,21 @@ def _fsync_write(store: LocalStorage, key: str, text: str) -> None:
     store.write_atomic(key, text, fsync=True)
 
 
-def commit(root: Path, tmp_dir: Path, step: int, keep_last: int, keep_every_steps: int | None = None) -> Path:
-    """Rank 0, after every rank has written into ``tmp_dir``: publish it as step N."""
+def commit(root: Path, tmp_dir: Path, step: int, keep_last: int, keep_every_steps: int | None = None,
+           hold: int | None = None) -> Path:
+    """Rank 0, after every rank has written into ``tmp_dir``: publish it as step N. ``hold``: see
+    `apply_retention`."""
     store = open_storage(root)
     tag = tag_for(step)
     store.publish(Path(tmp_dir).name, tag)  # an earlier attempt that died before COMMIT is replaced
     files = {name: store.sha256(f"{tag}/{name}") for name in store.child(tag).list()}
     _fsync_write(store, f"{tag}/{COMMIT}", Commit(step=step, files=files).to_json())
     _fsync_write(store, LATEST, tag + "\n")
-    apply_retention(root, keep_last, keep_every_steps)
+    apply_retention(root, keep_last, keep_every_steps, hold=hold)
     return store.path(tag)
 
 
-def tidy(root: str | Path, keep_last: int, keep_every_steps: int | None = None) -> None:
+def tidy(root: str | Path, keep_last: int, keep_every_steps: int | None = None, hold: int | None = None) -> None:
     """Finish what a crash after the newest commit left undone (``latest`` not yet pointing at it,
     retention cut short); a later commit would do it, but a finished run has none."""
     store = open_storage(root)
@@ -144,7 +149,7 @@ def tidy(root: str | Path, keep_last: int, keep_every_steps: int | None = None) 
     latest = store.read_text(LATEST).strip() if store.exists(LATEST) else None
     if latest != newest.tag:
         _fsync_write(store, LATEST, newest.tag + "\n")
-    apply_retention(root, keep_last, keep_every_steps)
+    apply_retention(root, keep_last, keep_every_steps, hold=hold)
 
 
 def retained_steps(steps: list[int], keep_last: int, keep_every_steps: int | None = None) -> set[int]:
@@ -157,16 +162,37 @@ def retained_steps(steps: list[int], keep_last: int, keep_every_steps: int | Non
     return keep
 
 
-def apply_retention(root: Path, keep_last: int, keep_every_steps: int | None = None) -> list[Path]:
+def held_for_eval(found: list[Committed], keep: set[int], hold: int | None) -> set[int]:
+    """Steps retention would delete but keeps for a live eval job: the oldest ``hold`` of them that
+    have no eval record yet (the job evaluates oldest first). ``hold`` None: no eval job runs."""
+    if not hold:
+        return set()
+    waiting = [c.step for c in found if c.step not in keep and not c.storage.exists(RunDir.EVAL_JSON)]
+    return set(waiting[:hold])
+
+
+def _note_unevaluated(root: Path, old: Committed) -> None:
+    """While an eval job runs, a checkpoint deleted before it was evaluated is noted for it to report."""
+    run = RunDir(Path(root).parent)
+    run.storage.append_text(RunDir.EVAL_MISSED, json.dumps({"step": old.step, "time": round(time.time(), 3)}) + "\n")
+
+
+def apply_retention(root: Path, keep_last: int, keep_every_steps: int | None = None,
+                    hold: int | None = None) -> list[Path]:
     """Delete committed checkpoints that `retained_steps` does not keep, and debris (uncommitted
     trees) older than the newest committed one. Nothing newer than that is touched: a save in
-    flight stays."""
+    flight stays. ``hold``: an eval job is running on the run (its lease is live) and up to this many
+    checkpoints it has not evaluated yet are kept beyond ``keep_last`` (`held_for_eval`); None: none
+    runs."""
     store = open_storage(root)
     found = committed_checkpoints(root)
     keep = retained_steps([c.step for c in found], keep_last, keep_every_steps)
+    keep |= held_for_eval(found, keep, hold)
     removed = []
     for old in found:
         if old.step not in keep:
+            if hold is not None and not old.storage.exists(RunDir.EVAL_JSON):
+                _note_unevaluated(root, old)
             store.delete(f"{old.tag}/{COMMIT}")  # first: a crash mid-delete leaves debris, not a broken commit
             store.delete_tree(old.tag)
             removed.append(old.path)
@@ -197,3 +223,29 @@ def resolve_checkpoint(path: str | Path) -> Committed:
     if latest is None:
         raise CheckpointError(f"{path}: no committed checkpoint found")
     return latest
+
+
+def set_aside(root: str | Path, checkpoint: Committed) -> Path:
+    """Move a committed checkpoint out of the way (``checkpoints/.aside/step_N.TIME``): no resume, eval
+    or retention sees it any more, and its files stay for a person to inspect. COMMIT moves first, so
+    a crash midway leaves uncommitted debris behind, never a second committed copy."""
+    store = open_storage(root)
+    dest = f"{RunDir.ASIDE}/{checkpoint.tag}.{int(time.time())}"
+    keys = store.child(checkpoint.tag).list()
+    for key in sorted(keys, key=lambda k: k != COMMIT):
+        store.move(f"{checkpoint.tag}/{key}", f"{dest}/{key}")
+    store.delete_tree(checkpoint.tag)
+    return store.path(dest)
+
+
+def checkpoint_bytes(root: str | Path, n_params: int | None = None, precision: str = "fp32") -> int | None:
+    """About how many bytes one checkpoint takes: the newest committed one's size, else an estimate
+    from the parameter count (fp32 weights, DeepSpeed's model states, the fp32 master copy and Adam's
+    two moments: ~20 bytes a parameter, 18 in fp16), None when neither is known."""
+    newest = latest_committed(root, verify=False)
+    if newest is not None:
+        store = newest.storage
+        return sum(store.size(k) for k in store.list())
+    if n_params is None:
+        return None
+    return n_params * (18 if precision == "fp16" else 20)

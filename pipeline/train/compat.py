@@ -15,16 +15,28 @@ A checkpoint continues a run when:
 - the model is the same, up to fields that do not change the weights (dropout, recompute).
 
 A different world size is not a problem: it resumes through a universal checkpoint (resume.py).
+
+The same module holds the rule for "does this config train on this prepared dataset"
+(`dataset_config_problems`): the config's data section may differ from the one the dataset was
+prepared with only in fields that change how the data is written, never which tokens it holds
+(`DATA_HOW_FIELDS`; `pretrain plan` warns and `pretrain train` refuses with the same list), and a
+changed LR schedule on resume follows ``optim.on_resume_schedule_change`` (`schedule_problem`).
 """
 
 from __future__ import annotations
 
-from pipeline.config import ConfigError, ModelConfig, PipelineConfig
+from pipeline.config import ConfigError, DataConfig, ModelConfig, PipelineConfig
 from pipeline.data.manifest import Manifest
 from pipeline.train.records import TrainerState
+from pipeline.train.schedule import schedule_changes
 
 #: model fields that do not change the weights' shapes or values
 VOLATILE_MODEL_FIELDS = ("activation_checkpointing", "dropout", "attn_dropout", "attention_kernel")
+#: data fields (dotted, under ``data.``) that change how a dataset is written or where it lives, never
+#: which tokens it holds: a config may differ from the prepared dataset in these
+DATA_HOW_FIELDS = ("output_dir", "executor", "num_cpus", "local_max_bytes", "block_bytes", "shard_max_tokens",
+                   "tokenizer.fast_encoder", "max_quarantine_share",
+                   "document_masking")  # how training reads the samples, not what the dataset holds
 FALLBACK_HINT = ("use a new run_dir, or the original config and data.output_dir (a dataset grown with "
                  "`pretrain prepare --append` continues the run)")
 
@@ -103,3 +115,101 @@ def describe(checkpoint_path, problems: list[str]) -> str:
     if len(problems) == 1 and "; " in problems[0]:  # the problem already says what to do
         return f"{checkpoint_path}: {problems[0]}"
     return f"{checkpoint_path}: cannot continue this run: " + "; ".join(problems) + f"; {FALLBACK_HINT}"
+
+
+# ---------------------------------------------------------------------------- config vs. dataset
+
+
+def _flat(value, prefix: str = "") -> dict[str, object]:
+    """A JSON tree as {dotted key: leaf}; list items are numbered (``sources.0.path``)."""
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = ((str(i), v) for i, v in enumerate(value))
+    else:
+        return {prefix: value}
+    out: dict[str, object] = {}
+    for k, v in items:
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out or {prefix: value}
+
+
+def _ignored(key: str, grown: bool) -> bool:
+    parts = key.split(".")
+    if key in DATA_HOW_FIELDS or parts[0] in DATA_HOW_FIELDS:
+        return True
+    # training reads the sources of the manifest, whatever the config lists (weights go by name):
+    # a different list is said by `source_differences`, not refused
+    if parts[0] == "sources":
+        return True
+    # an append cleans and deduplicates its new files with the config of the day (docs/continued-
+    # pretraining.md); the manifest records the first generation's settings only
+    return grown and parts[0] in ("clean", "dedup")
+
+
+def data_config_changes(recorded: dict, data: DataConfig, grown: bool = False) -> list[str]:
+    """Fields of ``data`` (dotted, without ``data.``) that differ from the data section the dataset was
+    prepared with (``recorded``, the manifest's ``config``; none when it records none) and change the
+    tokens of the prepared sources: the tokenizer, cleaning, dedup, the validation share. ``grown``:
+    the dataset grew by `prepare --append` (whose new files follow the config's cleaning and dedup)."""
+    if not recorded:
+        return []
+    before, now = _flat(dict(recorded)), _flat(data.model_dump(mode="json"))
+    # a key only one side has is a field another version added or removed, not a change
+    return sorted(k for k in before.keys() & now.keys() if before[k] != now[k] and not _ignored(k, grown))
+
+
+def source_differences(cfg: PipelineConfig, manifest: Manifest) -> str | None:
+    """How the config's source list differs from the prepared dataset's, or None (a warning: training
+    draws from the prepared sources, blended by the weights of the configured ones of the same name)."""
+    names = [s.resolved_name for s in cfg.data.sources]
+    prepared = [s.name for s in manifest.sources]
+    missing, extra = [n for n in names if n not in prepared], [n for n in prepared if n not in names]
+    if not (missing or extra):
+        return None
+    return (f"data.sources {names} are not the prepared dataset's {prepared}: training draws from the prepared "
+            f"ones" + (f" ({extra} at weight 1)" if extra else "") + "; `pretrain prepare --append` adds new "
+            f"sources, `pretrain prepare --force` rebuilds")
+
+
+def dataset_config_problems(cfg: PipelineConfig, manifest: Manifest) -> list[str]:
+    """Every reason ``cfg`` would not train on what the prepared dataset holds (empty: it does)."""
+    prepared = [s.name for s in manifest.sources]
+    if not cfg.data.sources:
+        return [f"data.sources is empty, but {cfg.data.output_dir} was prepared from sources {prepared}"]
+    problems = []
+    changed = data_config_changes(manifest.config, cfg.data, grown=bool(manifest.appends))
+    if changed:
+        before, now = _flat(dict(manifest.config)), _flat(cfg.data.model_dump(mode="json"))
+        shown = [f"data.{k} (prepared {before.get(k)!r}, config {now.get(k)!r})" if k in before and k in now
+                 else f"data.{k}" for k in changed]
+        problems.append(f"{', '.join(shown)} {'differs' if len(shown) == 1 else 'differ'} from what "
+                        f"{cfg.data.output_dir} was prepared with")
+    return problems
+
+
+def describe_dataset_problems(cfg: PipelineConfig, problems: list[str]) -> str:
+    """One line: what disagrees, and the way out."""
+    if not cfg.data.sources:
+        return problems[0] + "; list the sources to train on in data.sources (as they were prepared)"
+    return ("the config's data section does not match the prepared dataset: " + "; ".join(problems)
+            + f"; run `pretrain prepare` again to rebuild {cfg.data.output_dir} for this config (or point "
+            f"data.output_dir elsewhere), or restore the fields it was prepared with")
+
+
+def schedule_problem(cfg: PipelineConfig, saved: TrainerState) -> str | None:
+    """Why the run may not resume with a changed LR schedule (``on_resume_schedule_change: refuse``)."""
+    changed = schedule_changes(saved.lr_schedule, cfg.optim, cfg.train.max_steps)
+    if not changed or cfg.optim.on_resume_schedule_change != "refuse":
+        return None
+    return (f"the LR schedule differs from the checkpoint's ({', '.join(changed)}) and "
+            f"optim.on_resume_schedule_change is refuse: set it to continue (keep the checkpoint's LR and decay "
+            f"over the remaining steps) or restart (a new warmup from it), or restore the schedule")
+
+
+def precision_problem(precision: str, cuda_available: bool) -> str | None:
+    """Why this machine cannot train in ``precision`` (fp16 needs a GPU), or None."""
+    if precision == "fp16" and not cuda_available:
+        return ("train.precision: fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16 kernels); use bf16 "
+                "on CPU")
+    return None

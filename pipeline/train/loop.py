@@ -16,13 +16,14 @@ from __future__ import annotations
 import gc
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipeline.config import PipelineConfig
+from pipeline.config import ConfigError, PipelineConfig
 from pipeline.data.eras import Era
 from pipeline.data.loader import BlendedSamples, open_split, rank_positions
 from pipeline.data.manifest import Manifest, manifest_sha256, verify_manifest
@@ -33,8 +34,9 @@ from pipeline.tracking import NullTracker, Tracker
 from pipeline.train import checkpoint as ckpt
 from pipeline.train import guards, metrics, resume
 from pipeline.train import state as st
-from pipeline.train.engine import init_distributed, initialize, loss_scale, resolve_model_config, set_lr
-from pipeline.train.preemption import Preemption
+from pipeline.train.engine import init_distributed, initialize, loss_scale, resolve_model_config
+from pipeline.train.preemption import Preemption, mark_ready
+from pipeline.train.schedule import Schedule, describe_change, resumed
 
 
 def _all_mean(value: torch.Tensor) -> float:
@@ -78,6 +80,7 @@ class Run:
     faults: guards.Faults
     tracker: Tracker | NullTracker | None = None
     pending_skips: list[list[int]] = field(default_factory=list)  # rollbacks not yet in a checkpoint
+    hold: object = None  # () -> int | None: retention's hold for a live eval job (launch/preamble.py)
 
 
 @dataclass
@@ -129,12 +132,13 @@ class SavePolicy:
             time.monotonic() - self.last_save >= 60 * self.interval_minutes
 
     def due(self, step: int, verdict: Verdict) -> Save | None:
-        """After step ``step`` was trained: the save it calls for, if any."""
+        """After step ``step`` was trained: the save it calls for, if any. A preemption that falls
+        on a regular save step still validates (that step's val/loss is part of the run's record)."""
+        regular = step == self.end_step or verdict.save_due or bool(
+            self.interval_steps and step % self.interval_steps == 0)
         if verdict.preempt:
-            return Save(validate=False, stop=True)
-        if step == self.end_step or verdict.save_due or (self.interval_steps and step % self.interval_steps == 0):
-            return Save(validate=True, stop=False)
-        return None
+            return Save(validate=regular, stop=True)
+        return Save(validate=True, stop=False) if regular else None
 
     def saved(self) -> None:
         self.last_save = time.monotonic()
@@ -161,25 +165,26 @@ class Outcome:
     rollback: list[int] | None = None  # [start, end) sample positions to skip, then try again
 
 
-def _build(run: Run) -> tuple[object, st.TrainState, object]:
-    """Model + engine, resumed from the newest committed checkpoint when there is one."""
+def _build(run: Run) -> tuple[object, st.TrainState, object, object]:
+    """Model + engine, resumed from the newest committed checkpoint when there is one; the last is
+    the resumed checkpoint's TrainerState (None for a fresh start)."""
     import torch.distributed as dist
 
     cfg, rank, world = run.cfg, run.rank, run.world
     # rank 0 verifies the newest committed checkpoint (sha256 of every file) and converts it when
     # needed; the others wait for its verdict instead of hashing the same files again
-    verdict: list = [None, None]
+    verdict: list = [None, None, None]
     if rank == 0:
         try:
             plan = resume.plan_resume(cfg, world, run.manifest_sha, verify=True, manifest=run.manifest)
             if plan.universal:
                 resume.convert_to_universal(plan.checkpoint, RunDir(cfg.run_dir), log=run.say)
-            verdict = [None, plan.checkpoint.tag if plan.checkpoint else None]
-        except ckpt.CheckpointError as exc:
-            verdict = [str(exc), None]
+            verdict = [None, plan.checkpoint.tag if plan.checkpoint else None, None]
+        except (ckpt.CheckpointError, ConfigError) as exc:
+            verdict = [str(exc), None, type(exc) is ConfigError]
     dist.broadcast_object_list(verdict, src=0)
     if verdict[0]:
-        raise ckpt.CheckpointError(verdict[0])
+        raise (ConfigError if verdict[2] else ckpt.CheckpointError)(verdict[0])
     if rank != 0:
         plan = resume.plan_resume(cfg, world, run.manifest_sha, verify=False, manifest=run.manifest)
         if (plan.checkpoint.tag if plan.checkpoint else None) != verdict[1]:
@@ -195,7 +200,7 @@ def _build(run: Run) -> tuple[object, st.TrainState, object]:
         if span not in state.skipped_batches:
             state.skipped_batches.append(span)
     run.train_data.eras = resume.settle_eras(state, run.train_data, run.manifest_sha, cfg.train.seed, log=run.say)
-    return engine, state, plan.checkpoint
+    return engine, state, plan.checkpoint, plan.saved
 
 
 def _log_window(run: Run, engine, state: st.TrainState, meter: metrics.Meter, lr: float, grad_norm,
@@ -221,13 +226,16 @@ def _log_window(run: Run, engine, state: st.TrainState, meter: metrics.Meter, lr
     run.say(metrics.console_line(state.step, cfg.train.max_steps, m, meter.eta_s(end_step - state.step)))
 
 
-def _validate_and_save(run: Run, engine, state: st.TrainState, *, validate: bool) -> Path | None:
+def _validate_and_save(run: Run, engine, state: st.TrainState, *, validate: bool, schedule: Schedule,
+                       stopped_by: str | None = None) -> Path | None:
     msg = ""
     if validate:
         val = validation_loss(engine, run.val_data, run.cfg, run.rank, run.world)
         run.tracker.log({"val/loss": val, "val/perplexity": float(np.exp(val))}, step=state.step)
         msg = f"validation loss {val:.4f}; "
-    path = resume.save(engine, run.cfg, state, run.rank, run.world)
+    notes = resume.SaveNotes(lr_schedule=schedule.record(), stopped_by=stopped_by,
+                             rewound_to=run.cfg.checkpoint.resume_from, hold=run.hold)
+    path = resume.save(engine, run.cfg, state, run.rank, run.world, notes)
     run.say(f"step {state.step}: {msg}checkpoint committed: {path}")
     return path
 
@@ -238,7 +246,9 @@ class _Attempt:
     def __init__(self, run: Run):
         cfg, t = run.cfg, run.cfg.train
         self.run, self.cfg, self.t = run, cfg, t
-        self.engine, self.state, self.resumed = _build(run)
+        self.engine, self.state, self.resumed, saved = _build(run)
+        self.schedule, self.schedule_changed = resumed(saved.lr_schedule if saved else None, cfg.optim,
+                                                       t.max_steps, self.state.step)
         if run.tracker is None:
             run_dir = RunDir(cfg.run_dir)
             run_dir.storage.makedirs()
@@ -264,6 +274,8 @@ class _Attempt:
                 f"{self.flops_per_token / 1e6:.1f} MFLOP/token, train samples "
                 + ", ".join(f"{n}: {len(s)} (weight {w:g})" for n, s, w in zip(data.names, data.sources, data.weights))
                 + (f", resumed from {self.resumed.path} at step {state.step}" if self.resumed else ""))
+        if self.schedule_changed:
+            run.say(describe_change(self.schedule, self.schedule_changed))
         newest = Era.from_json(state.data_eras[-1]) if len(state.data_eras) > 1 else None
         if newest is not None and newest.start == state.next_trainable():  # the dataset grew: mark it
             run.tracker.log({"data/era": len(state.data_eras) - 1, "data/train_samples": sum(newest.num_samples),
@@ -286,10 +298,12 @@ class _Attempt:
             save = self.saves.due(state.step, result.verdict)
             if save is None:
                 continue
+            stopped_by = (run.preemption.signal_name or "SIGTERM") if save.stop else None
             if save.stop:
                 run.say(f"step {state.step}: {run.preemption.signal_name or 'a peer rank was signalled'}: "
                         f"saving and stopping (preemption)")
-            _validate_and_save(run, self.engine, state, validate=save.validate)
+            _validate_and_save(run, self.engine, state, validate=save.validate, schedule=self.schedule,
+                               stopped_by=stopped_by)
             if save.stop:
                 run.preemption.disarm()
                 return Outcome(state, preempted=True)
@@ -303,7 +317,9 @@ class _Attempt:
         state, engine, t = self.state, self.engine, self.t
         state.next_trainable()
         self.meter.start_step()
-        lr = set_lr(engine, self.cfg, state.step)
+        lr = self.schedule.lr(state.step)
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr
         start, losses, skipped_before = state.consumed_samples, [], engine.skipped_steps
         grad_norm, held = None, False
         for m in range(self.accum):
@@ -380,10 +396,13 @@ def _release(engine) -> None:
         destroy()
 
 
-def train(cfg: PipelineConfig, log=print) -> dict:
-    """Run training on this rank; returns the final summary (rank 0's view)."""
+def train(cfg: PipelineConfig, log=print, hold=None) -> dict:
+    """Run training on this rank; returns the final summary (rank 0's view). ``hold``: asked at each
+    commit, how many unevaluated checkpoints retention keeps for a live eval job (None: none runs)."""
     import torch.distributed as dist
 
+    # DeepSpeed's ZeRO calls a deprecated torch collective each step; the warning is for DeepSpeed
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     init_distributed(cfg)
     rank, world = dist.get_rank(), dist.get_world_size()
     data_dir = Path(cfg.data.output_dir)
@@ -396,8 +415,9 @@ def train(cfg: PipelineConfig, log=print) -> dict:
                                                    document_masking=masking), weights, seed)
     run = Run(cfg, rank, world, log if rank == 0 else (lambda *a, **k: None), manifest, manifest_sha256(data_dir),
               split("train"), split("validation"), Preemption(cfg.checkpoint.preempt_grace_s),
-              guards.Faults.from_env(rank))
+              guards.Faults.from_env(rank), hold=hold)
     run.preemption.install()
+    mark_ready(rank)
     try:
         while True:
             outcome = _Attempt(run).train()
@@ -415,4 +435,5 @@ def train(cfg: PipelineConfig, log=print) -> dict:
     s = outcome.state
     return {"step": s.step, "consumed_samples": s.consumed_samples, "wandb_run_id": s.wandb_run_id,
             "wandb_dir": run.tracker.run_dir if run.tracker else None, "preempted": outcome.preempted,
+            "stopped_by": run.preemption.signal_name if outcome.preempted else None,
             "skipped_steps": sum(s.skip_counts.values())}

@@ -3,8 +3,8 @@
 ``trainer_state.json`` holds the loop's whole state as JSON: step, consumed samples, W&B run id,
 data manifest hash, the ZeRO stage, world size and global batch it was written with, the per-rank
 sample digests, the skip counters, the spike detector's window, the global sample ranges never
-trained on and the data eras. Keys written by older versions may be absent; they take the defaults
-below. A key present with the wrong JSON type is a corrupt file.
+trained on, the data eras, the LR schedule, and what stopped the run when a signal did. Keys
+written by older versions may be absent; they take the defaults below. A key present with the wrong JSON type is a corrupt file.
 """
 
 from __future__ import annotations
@@ -51,6 +51,23 @@ class DataSegment(Record):
     sample_digests: list[str | None] = Field(default_factory=list)
 
 
+class LRSchedule(Record):
+    """The learning-rate schedule a checkpoint was trained under (train/schedule.py), so a resume can
+    tell a changed schedule from the same one. ``rebase_*``: where a continued run started it over
+    (``optim.on_resume_schedule_change``): mode, update number and the LR it started from."""
+
+    error = CorruptCheckpoint
+    schedule: str
+    lr: float
+    warmup_steps: int
+    max_steps: int
+    min_lr_ratio: float
+    wsd_decay_fraction: float
+    rebase_mode: str | None = None
+    rebase_step: int | None = None
+    rebase_lr: float | None = None
+
+
 class TrainerState(Record):
     """``trainer_state.json``: everything besides the engine that a resume restores."""
 
@@ -72,6 +89,9 @@ class TrainerState(Record):
     global_batch_size: int | None = None
     code_version: str = ""
     model: dict[str, Any] | None = None  # the resolved ModelConfig it was trained with
+    lr_schedule: LRSchedule | None = None  # None: written before schedules were recorded
+    stopped_by: str | None = None  # the signal of a preemption save (SIGTERM, SIGINT, SIGUSR1)
+    rewound_to: int | None = None  # written by a run resumed with checkpoint.resume_from=this step
 
     _counts = field_validator("step", "consumed_samples")(_non_negative)
 

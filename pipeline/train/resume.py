@@ -20,22 +20,28 @@ model and optimizer in one file and load on any world size directly.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
 import pipeline
-from pipeline.config import PipelineConfig, to_yaml
+from pipeline.config import ConfigError, PipelineConfig, to_yaml
 from pipeline.data.eras import Era, EraError, EraStream, check_growth
 from pipeline.data.manifest import Manifest
+from pipeline.errors import DiskFull, PipelineError
 from pipeline.models import state_dict_for_save
 from pipeline.rundir import RunDir
 from pipeline.storage import LocalStorage
 from pipeline.train import checkpoint as ckpt
 from pipeline.train import compat
 from pipeline.train.engine import UNIVERSAL_INFO
-from pipeline.train.records import TrainerState
+from pipeline.train.records import LRSchedule, TrainerState
+from pipeline.train.resume_point import resume_point
 from pipeline.train.safe_load import weights_only_loads
 from pipeline.train.state import TrainState, empty_digest
 
@@ -60,14 +66,28 @@ def _weights(engine, zero_stage: int) -> dict[str, torch.Tensor] | None:
         return state_dict_for_save(module)
 
 
-def trainer_state(state: TrainState, cfg: PipelineConfig, world: int, digests: list[str], model: dict) -> TrainerState:
+@dataclass(frozen=True)
+class SaveNotes:
+    """What a save records beside the loop's state: the LR schedule the run follows, the signal that
+    stops it (a preemption save), the `checkpoint.resume_from` step it descends from; and ``hold``,
+    asked at the commit: how many unevaluated checkpoints retention keeps for a live eval job."""
+
+    lr_schedule: LRSchedule | None = None
+    stopped_by: str | None = None
+    rewound_to: int | None = None
+    hold: Callable[[], int | None] | None = None
+
+
+def trainer_state(state: TrainState, cfg: PipelineConfig, world: int, digests: list[str], model: dict,
+                  notes: SaveNotes = SaveNotes()) -> TrainerState:
     """What ``trainer_state.json`` records: the loop's state, every rank's sample digest, and what
     the checkpoint was written with (the compatibility rule reads these)."""
     fields = asdict(state)
     fields.pop("sample_digest")  # this rank's only; every rank's is in sample_digests
     return TrainerState(**fields, world_size=world, sample_digests=digests, zero_stage=cfg.train.zero_stage,
                         global_batch_size=cfg.train.global_batch_size, code_version=pipeline.__version__,
-                        model=model)
+                        model=model, lr_schedule=notes.lr_schedule, stopped_by=notes.stopped_by,
+                        rewound_to=notes.rewound_to)
 
 
 def _write_shared_files(staged: LocalStorage, cfg: PipelineConfig, saved: TrainerState, weights) -> None:
@@ -79,31 +99,78 @@ def _write_shared_files(staged: LocalStorage, cfg: PipelineConfig, saved: Traine
     staged.write_atomic(ckpt.TRAINER_STATE, saved.to_json())
 
 
-def save(engine, cfg: PipelineConfig, state: TrainState, rank: int, world: int) -> Path | None:
+#: how torch's zip writer reports a failed write (it names neither the file nor errno)
+_WRITE_FAILED = ("iostream error", "file write failed", "unexpected pos", "PytorchStreamWriter")
+
+
+def _out_of_space(exc: BaseException, free: int, needs: int | None) -> bool:
+    """Whether a failed write was the disk filling up: ENOSPC/EDQUOT anywhere in the chain, or torch's
+    writer failing while less is free than a checkpoint needs."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return isinstance(exc, RuntimeError) and any(w in str(exc) for w in _WRITE_FAILED) and free < (needs or 1 << 20)
+
+
+@contextlib.contextmanager
+def _space_checked(store: LocalStorage, staged: str, step: int, needs: int | None, rank: int):
+    """A write of the checkpoint that fails for lack of space becomes one `DiskFull` line; rank 0
+    drops the staged files (nothing of them was committed) so the space is free again."""
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:
+        free = shutil.disk_usage(store.local_path()).free
+        if not _out_of_space(exc, free, needs):
+            raise
+        where = getattr(exc, "filename", None) or store.path(staged)
+        committed = store.exists(f"{ckpt.tag_for(step)}/{ckpt.COMMIT}")
+        with contextlib.suppress(OSError, PipelineError):  # what is free once the partial files are gone
+            partial = store.child(staged)
+            free += sum(partial.size(k) for k in partial.list())
+        if rank == 0 and not committed:
+            with contextlib.suppress(OSError):
+                store.delete_tree(staged)
+        after = (f"; step {step} was committed, but what follows the commit failed" if committed else
+                 f"; nothing was committed (step {step} is not saved): free space or lower checkpoint.keep_last, "
+                 f"then run the same command to resume from the newest committed checkpoint")
+        raise DiskFull(where, needs, free, after) from None
+
+
+def save(engine, cfg: PipelineConfig, state: TrainState, rank: int, world: int,
+         notes: SaveNotes = SaveNotes()) -> Path | None:
     """Write and commit ``step_N`` (all ranks call this together); returns its path on rank 0."""
     import torch.distributed as dist
+
+    from pipeline.models.flops import param_count
 
     run = RunDir(cfg.run_dir)
     store = run.checkpoint_storage
     staged = store.staging_for(ckpt.tag_for(state.step))
     store.makedirs()
+    needs = ckpt.checkpoint_bytes(run.checkpoints, param_count(engine.module.cfg), cfg.train.precision)
+    checked = lambda: _space_checked(store, staged, state.step, needs, rank)  # noqa: E731
     if rank == 0:
         store.delete_tree(staged)  # an earlier attempt that died before its commit
     dist.barrier()
-    engine.save_checkpoint(str(store.local_path()), tag=staged, client_state=UNIVERSAL_INFO, save_latest=False)
-    with store.child(staged).open_atomic(rng_file(rank)) as f:
-        torch.save({"torch": torch.get_rng_state()}, f)
+    with checked():
+        engine.save_checkpoint(str(store.local_path()), tag=staged, client_state=UNIVERSAL_INFO, save_latest=False)
+        with store.child(staged).open_atomic(rng_file(rank)) as f:
+            torch.save({"torch": torch.get_rng_state()}, f)
     digests = [None] * world
     dist.all_gather_object(digests, state.sample_digest)
     weights = _weights(engine, cfg.train.zero_stage)
     final = None
     if rank == 0:
-        saved = trainer_state(state, cfg, world, digests, engine.module.cfg.model_dump(mode="json"))
-        _write_shared_files(store.child(staged), cfg, saved, weights)
+        saved = trainer_state(state, cfg, world, digests, engine.module.cfg.model_dump(mode="json"), notes)
+        with checked():
+            _write_shared_files(store.child(staged), cfg, saved, weights)
     dist.barrier()  # every rank's files are written before the commit
     if rank == 0:
-        final = ckpt.commit(run.checkpoints, store.path(staged), state.step, cfg.checkpoint.keep_last,
-                            cfg.checkpoint.keep_every_steps)
+        with checked():
+            final = ckpt.commit(run.checkpoints, store.path(staged), state.step, cfg.checkpoint.keep_last,
+                                cfg.checkpoint.keep_every_steps, hold=notes.hold() if notes.hold else None)
     dist.barrier()
     return final
 
@@ -122,16 +189,20 @@ class ResumePlan:
 
 def plan_resume(cfg: PipelineConfig, world: int, manifest_sha: str, verify: bool = True,
                 manifest: Manifest | None = None) -> ResumePlan:
-    """Read the newest committed checkpoint (``verify``: against its COMMIT hashes) and check with
+    """Read the checkpoint to resume from (``verify``: against its COMMIT hashes) and check with
     `compat.resume_problems` that it can continue this run on the dataset ``manifest`` (whose sha256
-    is ``manifest_sha``); raise CheckpointError listing every problem."""
-    latest = ckpt.latest_committed(RunDir(cfg.run_dir).checkpoints, verify=verify)
-    if latest is None:
+    is ``manifest_sha``); raise CheckpointError listing every problem (ConfigError: a schedule change
+    the config refuses)."""
+    found = resume_point(cfg, verify=verify)
+    if found is None:
         return ResumePlan(None, None, False)
-    saved = latest.state()
+    latest, saved = found
     problems = compat.resume_problems(cfg, saved, manifest, manifest_sha)
     if problems:
         raise ckpt.CheckpointError(compat.describe(latest.path, problems))
+    refusal = compat.schedule_problem(cfg, saved)
+    if refusal:
+        raise ConfigError(f"{latest.path}: {refusal}")
     stage = cfg.train.zero_stage
     saved_stage = saved.zero_stage if saved.zero_stage is not None else stage
     saved_world = saved.world_size if saved.world_size is not None else world
