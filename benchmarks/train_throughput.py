@@ -285,13 +285,18 @@ def main(argv=None) -> int:
         for impl in impls:
             print(f"[throughput] {name} {impl}: warm-up {args.warmup}, timed {args.steps}", flush=True)
             rows.append(measure(name, table[name], impl, args, device))
+            write_json(args, rows)  # after every row: a run cut off by its time limit keeps what it measured
     print_table(rows, args.peak_tflops)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        doc = {"rows": rows, "ratios": ratios(rows), "peak_tflops": args.peak_tflops, "torch": torch.__version__,
-               "cuda": torch.version.cuda, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "argv": sys.argv[1:]}
-        args.out.write_text(json.dumps(doc, indent=1, allow_nan=False))
     return 0
+
+
+def write_json(args, rows: list[dict]) -> None:
+    if not args.out:
+        return
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"rows": rows, "ratios": ratios(rows), "peak_tflops": args.peak_tflops, "torch": torch.__version__,
+           "cuda": torch.version.cuda, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "argv": sys.argv[1:]}
+    args.out.write_text(json.dumps(doc, indent=1, allow_nan=False))
 
 
 if __name__ == "__main__":

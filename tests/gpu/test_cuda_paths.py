@@ -49,14 +49,12 @@ def run_chain(chain: list[tuple[list[str], dict]]) -> list[subprocess.CompletedP
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory, corpus) -> tuple[Path, Path]:
-    """A prepared tiny dataset and the resolved config that points at it."""
+def dataset(tmp_path_factory, corpus) -> tuple[Path, list[str]]:
+    """A prepared tiny dataset: the config, and the --set arguments that point at it."""
     tmp = tmp_path_factory.mktemp("gpu-data")
     sets = tiny_overrides(tmp, f"[{{path: '{corpus[0]}'}}]")
     pretrain("prepare", "configs/demo.yaml", *sets)
-    config = tmp / "config.yaml"
-    config.write_text((ROOT / "configs" / "demo.yaml").read_text())
-    return config, sets
+    return ROOT / "configs" / "demo.yaml", sets
 
 
 @pytest.fixture(scope="module")
