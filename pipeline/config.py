@@ -49,9 +49,19 @@ class Section(BaseModel):
 
 
 def _directory(path: str) -> str:
-    """A directory field: blank would write into the working directory."""
+    """A directory field: blank would write into the working directory; a URI must name a known
+    object store and a bucket."""
     if not path.strip():
         raise ValueError("must name a directory (an empty path would write into the working directory)")
+    return _location(path)
+
+
+def _location(path: str) -> str:
+    """A path or an object-store URI (``s3://bucket/prefix``); an unknown scheme is refused here."""
+    from pipeline.objstore import is_uri, split_uri
+
+    if is_uri(path):
+        split_uri(path)  # a ConfigError naming the URI
     return path
 
 
@@ -633,6 +643,10 @@ class LaunchConfig(Section):
     lock_heartbeat_s: float = Field(
         20.0, gt=0, description="How often the holder renews its lease; at most half of lock_lease_s."
     )
+    lock: bool = Field(
+        True, description="Take the run-directory lock. false only where something else keeps two trainers "
+        "apart (an object store without conditional writes refuses to start otherwise).",
+    )
     ray: RayLaunchConfig = Field(default_factory=RayLaunchConfig)
     slurm: SlurmLaunchConfig = Field(default_factory=SlurmLaunchConfig)
     k8s: K8sLaunchConfig = Field(default_factory=K8sLaunchConfig)
@@ -651,6 +665,17 @@ class LaunchConfig(Section):
         return self.gpus_per_node or train.nproc_per_node
 
 
+class StorageConfig(Section):
+    """Object storage (run_dir / data paths given as s3://, gs://, az:// URIs). Endpoint and credentials
+    come from the standard environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...), never from here."""
+
+    cache_dir: str | None = Field(
+        None, description="Node-local cache for staged shards and run mirrors; None: $PRETRAIN_CACHE_DIR, "
+        "else ~/.cache/pretrain.",
+    )
+    workers: int = Field(16, ge=1, le=256, description="Parallel object-store transfers per node.")
+
+
 class PipelineConfig(Section):
     run_dir: str = Field("runs/default", description="Checkpoints, metrics and W&B files go here.")
     run_name: str | None = Field(None, description="None: the run directory's name.")
@@ -662,6 +687,7 @@ class PipelineConfig(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
 
     @field_validator("run_dir")
     @classmethod
@@ -870,12 +896,21 @@ def build_config(raw: dict, origin: str = "", resolve_init_from: bool = False) -
         raise ConfigError(_format_error(exc, origin)) from None
 
 
+def _export_cache_dir(cfg: PipelineConfig) -> PipelineConfig:
+    """``storage.cache_dir`` reaches every process of the run (ranks, workers) through the environment."""
+    if cfg.storage.cache_dir:
+        from pipeline.objstore import CACHE_ENV
+
+        os.environ[CACHE_ENV] = str(Path(cfg.storage.cache_dir).expanduser().absolute())
+    return cfg
+
+
 def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
     """Read a YAML config (None: all defaults), apply overrides, validate once."""
     raw: dict[str, Any] = _read_yaml(Path(path)) if path is not None else {}
     for assignment in overrides:
         apply_override(raw, assignment)
-    return build_config(raw, origin=f"({path})" if path else "(defaults)", resolve_init_from=True)
+    return _export_cache_dir(build_config(raw, origin=f"({path})" if path else "(defaults)", resolve_init_from=True))
 
 
 def to_yaml(cfg: PipelineConfig) -> str:

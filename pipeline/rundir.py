@@ -25,6 +25,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.objstore import is_uri, mirror_path
 from pipeline.storage import STAGING_PREFIX, LocalStorage, open_storage
 
 _STEP = re.compile(r"^step_(\d{8,})$")
@@ -47,11 +48,23 @@ def staged_step_of(name: str) -> int | None:
     return step_of(name.removeprefix(STAGING_PREFIX))
 
 
+def _mirrored(obj, root, kind: str) -> None:
+    """``root`` a path: the directory itself. ``root`` a URI (``s3://…``): ``root`` becomes this
+    node's local mirror of it and ``remote`` the URI (`pipeline.mirror` keeps the two in step)."""
+    if is_uri(root):
+        object.__setattr__(obj, "remote", str(root).rstrip("/"))
+        object.__setattr__(obj, "root", mirror_path(str(root), kind))
+    else:
+        object.__setattr__(obj, "remote", None)
+        object.__setattr__(obj, "root", Path(root))
+
+
 @dataclass(frozen=True)
 class RunDir:
     """A run directory (``run_dir``): checkpoints, logs, eval records, locks."""
 
     root: Path
+    remote: str | None = None  # the object-store URI this run lives at; ``root`` is then its local mirror
 
     CHECKPOINTS = "checkpoints"
     CONFIG = "config.yaml"
@@ -69,7 +82,7 @@ class RunDir:
     LAST_RUN = "last_run.json"  # how the last `pretrain train` on the run ended (launch/preamble.py)
 
     def __init__(self, root: str | Path):
-        object.__setattr__(self, "root", Path(root))
+        _mirrored(self, root, "runs")
 
     @property
     def storage(self) -> LocalStorage:
@@ -77,6 +90,15 @@ class RunDir:
 
     def path(self, key: str = "") -> Path:
         return self.storage.path(key)
+
+    @property
+    def remote_storage(self):
+        """The object store behind the mirror (`pipeline.objstore.ObjectStorage`), None for a local run."""
+        return open_storage(self.remote) if self.remote else None
+
+    def where(self, key: str = "") -> str:
+        """``key``'s name for messages: its URI on an object store, else its path."""
+        return f"{self.remote.rstrip('/')}/{key}".rstrip("/") if self.remote else str(self.path(key))
 
     # ---------------------------------------------------------------- checkpoints
     @property
@@ -157,6 +179,7 @@ class DatasetDir:
     """A prepared dataset (``data.output_dir``): shards, tokenizer, quarantine, stage records."""
 
     root: Path
+    remote: str | None = None  # the object-store URI of the dataset; ``root`` is then its local mirror
 
     MANIFEST = "manifest.json"
     TOKENIZER = "tokenizer.json"
@@ -170,7 +193,7 @@ class DatasetDir:
     SPLITS = ("train", "validation")
 
     def __init__(self, root: str | Path):
-        object.__setattr__(self, "root", Path(root))
+        _mirrored(self, root, "data")
 
     @property
     def storage(self) -> LocalStorage:
@@ -178,6 +201,13 @@ class DatasetDir:
 
     def path(self, key: str = "") -> Path:
         return self.storage.path(key)
+
+    @property
+    def remote_storage(self):
+        return open_storage(self.remote) if self.remote else None
+
+    def where(self, key: str = "") -> str:
+        return f"{self.remote.rstrip('/')}/{key}".rstrip("/") if self.remote else str(self.path(key))
 
     @property
     def manifest(self) -> Path:

@@ -18,8 +18,10 @@ what an object store can do too:
 DeepSpeed's own checkpoint files); a store without local files refuses it, and its caller stages
 the files into a local cache instead.
 
-`LocalStorage` is the only implementation today; ``open_storage`` refuses other URI schemes in
-one line (object storage is the next step of this interface).
+`LocalStorage` is this module's implementation; `pipeline.objstore.ObjectStorage` is the object-store
+one (``s3://``), which ``open_storage`` returns for a URI. Run and dataset directories on an object
+store are worked on through a local mirror (`pipeline.mirror`), so most code only ever sees
+`LocalStorage`.
 
 A full disk is one error, `NoSpace` (``no space left on device writing X (needs ~N MB, M MB
 free)``), raised by every write here and, through `check_space`, by the writers that stream into
@@ -282,11 +284,18 @@ def _publish_file(src: Path, dst: Path) -> None:
     os.replace(src, dst)
 
 
-def open_storage(location: str | Path) -> LocalStorage:
-    """The storage for a run or dataset directory given as a path (or URI)."""
+def publish_local_file(src: str | Path, dst: str | Path) -> None:
+    """A finished download or staged file takes its final local name in one step."""
+    _publish_file(Path(src), Path(dst))
+
+
+def open_storage(location: str | Path):
+    """The storage for a run or dataset directory given as a path or URI: `LocalStorage` for a path
+    (or ``file://``), `pipeline.objstore.ObjectStorage` for ``s3://``, ``gs://``, ``az://``."""
     text = str(location)
     scheme, sep, _ = text.partition("://")
     if sep and scheme != "file":
-        raise ConfigError(f"{text}: {scheme}:// locations are not supported yet; use a local or shared "
-                          f"filesystem path")
+        from pipeline.objstore import ObjectStorage
+
+        return ObjectStorage(text)
     return LocalStorage(text.removeprefix("file://") if sep else text)

@@ -77,3 +77,29 @@ def trained_run(tmp_path_factory, corpus) -> dict:
     train = pretrain("train", "configs/demo.yaml", *sets, "--set", "train.nproc_per_node=2")
     return {"tmp": tmp, "sets": sets, "run_dir": tmp / "run", "data_dir": tmp / "data",
             "prepare_out": prep.stdout + prep.stderr, "train_out": train.stdout + train.stderr}
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 API server on 127.0.0.1 for the whole session: moto's ThreadedMotoServer, an
+    emulator of the S3 API (not AWS), spoken to over HTTP by the real clients."""
+    pytest.importorskip("moto.server", reason="moto[server] is not installed (pip install -e '.[dev]')")
+    from helpers.s3 import moto_server
+
+    with moto_server() as server:
+        yield server
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch, tmp_path, request):
+    """The server, a fresh bucket for this test, and the standard AWS environment pointing at it
+    (child processes inherit it); the node cache is private to the test."""
+    import re
+
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("PRETRAIN_CACHE_DIR", str(tmp_path / "node-cache"))
+    bucket = re.sub(r"[^a-z0-9-]", "-", f"t-{request.node.name.lower()}")[:50].strip("-") + f"-{os.getpid() % 1000}"
+    s3_server.make_bucket(bucket)
+    s3_server.bucket = bucket
+    return s3_server

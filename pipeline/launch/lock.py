@@ -11,6 +11,11 @@ the same machine does not block the next firing for a whole lease.
 
 Read-check-write steps happen under ``flock`` on ``run.lock.guard``, so two starters can never both
 take a stale lock. Leases compare wall clocks: hosts sharing a run directory need NTP.
+
+On an object store (``run_dir: s3://…``) there is no flock: the lease object is created with a
+conditional PUT (``If-None-Match: *``), which exactly one starter wins. A store that ignores the
+condition (checked once per process with a probe object) cannot give a safe lock: the run is
+refused in one line unless the user turns the lock off (``launch.lock: false``).
 """
 
 from __future__ import annotations
@@ -28,8 +33,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from pipeline.errors import LockHeld
+from pipeline.errors import ConfigError, LockHeld
 from pipeline.launch.env import global_rank
+from pipeline.objstore import ObjectStoreError, is_uri
 from pipeline.rundir import RunDir
 from pipeline.storage import StorageError, open_storage
 
@@ -91,7 +97,7 @@ def read_lease(run_dir: str | Path, lock_file: str = LOCK_FILE) -> LeaseInfo | N
     try:
         raw = json.loads(store.read_text(lock_file))
         return LeaseInfo(**raw)
-    except StorageError:  # released between the two calls
+    except (StorageError, ObjectStoreError):  # released between the two calls
         return None
     except (json.JSONDecodeError, TypeError, UnicodeDecodeError):
         # a half-written or foreign file: treat as expired rather than blocking the run forever
@@ -106,7 +112,8 @@ class RunLock:
                  lock_file: str = LOCK_FILE):
         if heartbeat_s * 2 > lease_s:
             raise ValueError(f"heartbeat_s ({heartbeat_s}) must be at most half of lease_s ({lease_s})")
-        self.run_dir = Path(run_dir)
+        self.remote = is_uri(run_dir)
+        self.run_dir = str(run_dir).rstrip("/") if self.remote else Path(run_dir)
         # the lease's file (a dataset directory's is DatasetDir.LOCK) and its flock guard beside it
         self.lock_file, self.guard_file = lock_file, GUARD_FILE if lock_file == LOCK_FILE else f"{lock_file}.guard"
         self._store = open_storage(self.run_dir)
@@ -120,11 +127,14 @@ class RunLock:
         self._thread: threading.Thread | None = None
 
     @property
-    def path(self) -> Path:
+    def path(self) -> Path | str:
         return self._store.path(self.lock_file)
 
     @contextlib.contextmanager
     def _guard(self):
+        if self.remote:  # the conditional create is the guard (see `_take`)
+            yield
+            return
         with open(self._store.local_path(self.guard_file), "a+") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
@@ -132,27 +142,50 @@ class RunLock:
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
-    def _write(self, started_at: float) -> None:
-        now = time.time()
-        info = LeaseInfo(self.host, os.getpid(), _pid_start(os.getpid()), started_at, now + self.lease_s,
+    def _lease_json(self, started_at: float) -> str:
+        info = LeaseInfo(self.host, os.getpid(), _pid_start(os.getpid()), started_at, time.time() + self.lease_s,
                          self.token, self.command)
-        # one writer at a time: every write happens under the guard
-        self._store.write_atomic(self.lock_file, json.dumps(asdict(info), indent=1) + "\n")
+        return json.dumps(asdict(info), indent=1) + "\n"
+
+    def _write(self, started_at: float) -> None:
+        # one writer at a time: every write happens under the guard (on a store: by the holder only)
+        self._store.write_atomic(self.lock_file, self._lease_json(started_at))
+
+    def _busy(self, current: LeaseInfo, now: float) -> RunLocked:
+        return RunLocked(
+            f"{self.run_dir} is being trained by {current.describe(now)}; a second trainer "
+            f"would interleave checkpoints. Wait for it to finish, or, if that process is gone, "
+            f"for its lease to expire (delete {self.path} only if you are sure it is dead)"
+        )
+
+    def _take(self, now: float) -> None:
+        """On an object store: create the lease object only if it does not exist; a stale one is
+        deleted and the create tried once more (a rival that wins that race holds the run)."""
+        _check_conditional_writes(self._store)
+        for _ in range(2):
+            if self._store.create_exclusive(self.lock_file, self._lease_json(now)):
+                return
+            current = read_lease(self.run_dir, self.lock_file)
+            if current is not None and not is_stale(current, now, self.host):
+                raise self._busy(current, now)
+            self.took_over = current
+            self._store.delete(self.lock_file)
+        current = read_lease(self.run_dir, self.lock_file)
+        raise self._busy(current, now) if current else RunLocked(f"{self.path}: taken by another starter")
 
     def acquire(self) -> RunLock:
         self._store.makedirs()
         with self._guard():
             now = time.time()
-            current = read_lease(self.run_dir, self.lock_file)
-            if current is not None and not is_stale(current, now, self.host):
-                raise RunLocked(
-                    f"{self.run_dir} is being trained by {current.describe(now)}; a second trainer "
-                    f"would interleave checkpoints. Wait for it to finish, or, if that process is gone, "
-                    f"for its lease to expire (delete {self.path} only if you are sure it is dead)"
-                )
-            self.took_over = current
             self._started_at = now
-            self._write(now)
+            if self.remote:
+                self._take(now)
+            else:
+                current = read_lease(self.run_dir, self.lock_file)
+                if current is not None and not is_stale(current, now, self.host):
+                    raise self._busy(current, now)
+                self.took_over = current
+                self._write(now)
         self._thread = threading.Thread(target=self._heartbeat, name="run-lock-heartbeat", daemon=True)
         self._thread.start()
         return self
@@ -193,6 +226,26 @@ class RunLock:
         self.release()
 
 
+_CONDITIONAL_OK: set[str] = set()
+
+
+def _check_conditional_writes(store) -> None:
+    """Refuse a store that ignores ``If-None-Match: *`` (a second conditional create of one probe
+    object succeeds): its lock could be held twice. Checked once per process and bucket."""
+    if store.bucket in _CONDITIONAL_OK:
+        return
+    probe = f"{LOCK_FILE}.probe-{uuid.uuid4().hex[:12]}"
+    try:
+        first, second = store.create_exclusive(probe, "probe"), store.create_exclusive(probe, "probe")
+    finally:
+        store.delete(probe)
+    if first and second:
+        raise ConfigError(f"{store.path(LOCK_FILE)}: this object store ignores conditional writes (If-None-Match), "
+                          f"so the run lock cannot keep two trainers apart; use a store that supports them, or set "
+                          f"launch.lock=false and make sure yourself that one trainer runs at a time")
+    _CONDITIONAL_OK.add(store.bucket)
+
+
 def _terminate_self(holder: LeaseInfo | None) -> None:
     """Default when the lease was lost (we stalled past it and someone took over): stop training."""
     who = holder.describe(time.time()) if holder else "nobody (the lock file was removed)"
@@ -200,15 +253,19 @@ def _terminate_self(holder: LeaseInfo | None) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-def run_lock(run_dir: str | Path, lease_s: float, heartbeat_s: float, command: str = "pretrain train"):
-    """The lock a process takes around a whole training run; children learn of it through HELD_ENV."""
+def run_lock(run_dir: str | Path, lease_s: float, heartbeat_s: float, enabled: bool = True,
+             command: str = "pretrain train"):
+    """The lock a process takes around a whole training run; children learn of it through HELD_ENV.
+    ``enabled`` False (``launch.lock: false``): no lock at all, the user keeps trainers apart."""
+    if not enabled:
+        return contextlib.nullcontext()
     return RunLock(run_dir, lease_s, heartbeat_s, command=command)
 
 
-def rank_lock(run_dir: str | Path, lease_s: float, heartbeat_s: float):
+def rank_lock(run_dir: str | Path, lease_s: float, heartbeat_s: float, enabled: bool = True):
     """Under a launcher (srun, Ray Train, a user's torchrun): global rank 0 holds the lock, unless our
     own `pretrain train` parent already does (HELD_ENV). Other ranks hold nothing."""
-    if global_rank() != "0" or os.environ.get(HELD_ENV):
+    if not enabled or global_rank() != "0" or os.environ.get(HELD_ENV):
         return contextlib.nullcontext()
     return RunLock(run_dir, lease_s, heartbeat_s, command="pretrain train (rank 0)")
 

@@ -212,6 +212,6 @@ def drop_own_lease(directory) -> None:
             open_storage(directory).delete(lock.LOCK_FILE)
 
 
-def lease(cfg) -> tuple[str, float, float]:
-    """run_lock's arguments for ``cfg``: the run directory and its lease timings."""
-    return cfg.run_dir, cfg.launch.lock_lease_s, cfg.launch.lock_heartbeat_s
+def lease(cfg) -> tuple[str, float, float, bool]:
+    """run_lock's arguments for ``cfg``: the run directory, its lease timings, whether to lock at all."""
+    return cfg.run_dir, cfg.launch.lock_lease_s, cfg.launch.lock_heartbeat_s, cfg.launch.lock

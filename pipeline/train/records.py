@@ -37,6 +37,13 @@ class Commit(Record):
     error = CorruptCheckpoint
     step: int
     files: dict[str, str]
+    sizes: dict[str, int] = {}  # written by checkpoints on an object store: each object's size
+
+    def to_dict(self) -> dict:
+        data = super().to_dict()
+        if not data["sizes"]:  # a local checkpoint's COMMIT stays as it always was
+            del data["sizes"]
+        return data
 
     _step = field_validator("step")(_non_negative)
 

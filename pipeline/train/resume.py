@@ -153,6 +153,7 @@ def save(engine, cfg: PipelineConfig, state: TrainState, rank: int, world: int,
     checked = lambda: _space_checked(store, staged, state.step, needs, rank)  # noqa: E731
     if rank == 0:
         store.delete_tree(staged)  # an earlier attempt that died before its commit
+        remote.clear_step(run, state.step)
     dist.barrier()
     with checked():
         engine.save_checkpoint(str(store.local_path()), tag=staged, client_state=UNIVERSAL_INFO, save_latest=False)
@@ -167,6 +168,12 @@ def save(engine, cfg: PipelineConfig, state: TrainState, rank: int, world: int,
         with checked():
             _write_shared_files(store.child(staged), cfg, saved, weights)
     dist.barrier()  # every rank's files are written before the commit
+    if run.remote:  # one upload per node, then COMMIT on the store lists every node's objects
+        listings = [None] * world
+        dist.all_gather_object(listings, remote.upload_node_files(run, staged, state.step, cfg.storage.workers))
+        if rank == 0:
+            remote.commit_remote(run, state.step, listings, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every_steps,
+                                 hold=notes.hold() if notes.hold else None)
     if rank == 0:
         with checked():
             final = ckpt.commit(run.checkpoints, store.path(staged), state.step, cfg.checkpoint.keep_last,
