@@ -198,6 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def localize(location: str, checkpoints="newest") -> str:
+    """A run or checkpoint directory given as an object-store URI: this node's mirror of it."""
+    from pipeline.train.remote import localize as mirror
+
+    return mirror(location, checkpoints)
+
+
 def cmd_prepare(args) -> int:
     from pipeline.data.command import lease_lock, run_prepare
     from pipeline.launch.lock import RunLock, read_lease
@@ -232,6 +239,7 @@ def cmd_eval(args) -> int:
     options = EvalOptions(tasks=tuple(args.tasks), device=args.device, lm_eval_tasks=lm_eval,
                           lm_eval_include=tuple(args.lm_eval_include))
     ray = {"use_ray": args.ray, "ray_address": args.ray_address, "ray_gpus": args.ray_gpus}
+    args.run_dir = localize(args.run_dir, "none" if args.watch else "newest" if args.checkpoint is None else [args.checkpoint])
     if not args.watch:
         if args.max_evals is not None or args.until_step is not None:
             raise EvalError("--max-evals and --until-step apply to --watch only")
@@ -249,15 +257,20 @@ def cmd_eval(args) -> int:
 
 def cmd_report(args) -> int:
     from pipeline.eval.report import write_report
+    from pipeline.rundir import RunDir
+    from pipeline.train.remote import push_run
 
-    write_report(args.run_dir, args.out)
+    run_dir = localize(args.run_dir, "meta")
+    write_report(run_dir, args.out)
+    if args.out is None:
+        push_run(RunDir(run_dir))  # a run on an object store: its report goes beside it
     return 0
 
 
 def cmd_status(args) -> int:
     from pipeline.eval.status import print_status
 
-    print_status(args.run_dir, as_json=args.json)
+    print_status(localize(args.run_dir, "meta"), as_json=args.json)
     return 0
 
 
@@ -267,7 +280,7 @@ def cmd_export(args) -> int:
     from pipeline.export import export_hf
 
     command = shlex.join(["pretrain", "export", args.checkpoint, "--to", args.to, args.out_dir])
-    export_hf(args.checkpoint, args.out_dir, command=command)
+    export_hf(localize(args.checkpoint), args.out_dir, command=command)
     return 0
 
 
@@ -317,7 +330,7 @@ def cmd_plan(args) -> int:
 def cmd_consolidate(args) -> int:
     from pipeline.train.consolidate import consolidate
 
-    consolidate(args.checkpoint, args.out)
+    consolidate(localize(args.checkpoint), args.out)
     return 0
 
 

@@ -20,10 +20,15 @@ def run_demo(run_dir: str, overrides: list[str], config_path: Path) -> int:
     from pipeline.eval.report import write_report
     from pipeline.launch import local
 
-    run = Path(run_dir)
-    corpus = run / "corpus" / "python-stdlib-docs.jsonl"
+    from pipeline.data.staging import push_dataset
+    from pipeline.launch.preamble import push_outputs, stage_inputs
+    from pipeline.train.remote import push_run
+
+    here = RunDir(run_dir)  # an s3:// run: the corpus is written into this node's mirror of it
+    corpus = here.root / "corpus" / "python-stdlib-docs.jsonl"
+    data_dir = f"{here.remote}/data" if here.remote else Path(run_dir) / "data"
     cfg = load_config(config_path, [
-        f"run_dir={run}", f"data.output_dir={run / 'data'}",
+        f"run_dir={run_dir}", f"data.output_dir={data_dir}",
         f"data.sources=[{{path: '{corpus}', text_field: text}}]", *overrides,
     ])
     cfg.gradient_accumulation_steps(cfg.train.nproc_per_node)
@@ -31,14 +36,18 @@ def run_demo(run_dir: str, overrides: list[str], config_path: Path) -> int:
     print(f"demo: corpus of {n_docs} standard-library docstrings → {corpus}")
 
     prepare(cfg.data)
+    push_dataset(DatasetDir(cfg.data.output_dir))  # on an object store: shards, then the manifest
+    stage_inputs(cfg)
     if "ray" in sys.modules:  # prepare ran on Ray (the local executor does not import it)
         sys.modules["ray"].shutdown()  # free the cores for training
     code = local.run_torchrun(cfg) if cfg.train.nproc_per_node > 1 else (local.run_single_process(cfg) and 0)
     if code:
         print(f"demo: training failed with exit code {code}")
         return code
-    result = evaluate(cfg.run_dir)
-    report = write_report(cfg.run_dir)
+    push_outputs(cfg)
+    result = evaluate(here.root)
+    report = write_report(here.root)
+    push_run(here)
     print(_summary(cfg, result, report))
     return 0
 

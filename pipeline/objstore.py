@@ -90,6 +90,20 @@ def mirror_path(uri: str, kind: str) -> Path:
     return cache_root() / kind / scheme / bucket / (prefix or "_root")
 
 
+def mirrored_uri(path, kind: str) -> str | None:
+    """The URI a local mirror path stands for (`mirror_path` backwards), None for any other path:
+    a command handed a mirror still reaches the store (its lease, its uploads)."""
+    try:
+        rel = Path(path).absolute().relative_to(cache_root() / kind)
+    except ValueError:
+        return None
+    parts = rel.parts
+    if len(parts) < 3 or parts[0] not in BACKENDS:
+        return None
+    prefix = "" if parts[2:] == ("_root",) else "/".join(parts[2:])
+    return f"{parts[0]}://{parts[1]}" + (f"/{prefix}" if prefix else "")
+
+
 # ---------------------------------------------------------------------------------------- retries
 
 

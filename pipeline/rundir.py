@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.objstore import is_uri, mirror_path
+from pipeline.objstore import is_uri, mirror_path, mirrored_uri
 from pipeline.storage import STAGING_PREFIX, LocalStorage, open_storage
 
 _STEP = re.compile(r"^step_(\d{8,})$")
@@ -55,7 +55,7 @@ def _mirrored(obj, root, kind: str) -> None:
         object.__setattr__(obj, "remote", str(root).rstrip("/"))
         object.__setattr__(obj, "root", mirror_path(str(root), kind))
     else:
-        object.__setattr__(obj, "remote", None)
+        object.__setattr__(obj, "remote", mirrored_uri(root, kind))
         object.__setattr__(obj, "root", Path(root))
 
 
@@ -140,6 +140,11 @@ class RunDir:
     @property
     def eval_dir(self) -> Path:
         return self.root / self.EVAL_DIR
+
+    @property
+    def eval_lease(self) -> Path | str:
+        """Where the eval job's lease lives: on the store for a run there (every node must see it)."""
+        return f"{self.remote}/{self.EVAL_DIR}" if self.remote else self.eval_dir
 
     def eval_record(self, step: int) -> Path:
         return self.eval_dir / f"{tag_for(step)}.json"

@@ -79,7 +79,8 @@ def _base_id(train_run_id: str | None, run_dir: str | Path) -> str:
     if train_run_id:
         return train_run_id
     # trained without W&B: the run directory names the run
-    return "run-" + hashlib.sha256(str(Path(run_dir).resolve()).encode()).hexdigest()[:12]
+    where = str(run_dir).rstrip("/") if "://" in str(run_dir) else str(Path(run_dir).resolve())  # a URI as it is
+    return "run-" + hashlib.sha256(where.encode()).hexdigest()[:12]
 
 
 def eval_run_id(train_run_id: str | None, run_dir: str | Path) -> str:

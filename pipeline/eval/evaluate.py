@@ -43,6 +43,7 @@ from pipeline.eval.records import (EvalRecord, checkpoint_config, eval_lock, loa
                                    write_record)
 from pipeline.models import build_model, load_state_dict_tied
 from pipeline.rundir import DatasetDir, RunDir, step_of
+from pipeline.train.remote import push_run
 from pipeline.storage import open_storage
 from pipeline.tracking import STEP_METRIC, Tracker, artifact_name, eval_run_id
 from pipeline.train import checkpoint as ckpt
@@ -187,7 +188,7 @@ def _verified_inputs(path: Path) -> tuple[ckpt.Committed, TrainerState, Pipeline
     if not state.model:
         raise EvalError(f"{path}: its trainer_state.json records no `model` (written by a version before "
                         f"models were recorded); it cannot be evaluated")
-    data_dir = Path(cfg.data.output_dir)
+    data_dir = DatasetDir(cfg.data.output_dir).root
     manifest = verify_manifest(data_dir)
     problem = dataset_problem(state, manifest, manifest_sha256(data_dir))
     if problem:
@@ -200,7 +201,7 @@ def score_checkpoint(checkpoint_path: str | Path, options: EvalOptions) -> EvalR
     """Every metric of one committed checkpoint (verified first). Writes nothing."""
     path = Path(checkpoint_path)
     checkpoint, state, cfg, manifest = _verified_inputs(path)
-    data_dir = Path(cfg.data.output_dir)
+    data_dir = DatasetDir(cfg.data.output_dir).root
     model_cfg = ModelConfig.model_validate(state.model)
     arch = model_cfg.arch
     if arch != "gpt" and (options.tasks or options.lm_eval_tasks):
@@ -301,6 +302,7 @@ class EvalSession:
                            [record.name], result.step, {"loss": result.loss, "perplexity": result.perplexity})
         self.log(_summary(result, written or f"{RunDir(self.run_dir).eval_dir} (retention deleted the "
                                              f"checkpoint meanwhile)"))
+        push_run(RunDir(self.run_dir))  # a run on an object store: the records reach it now
         return result
 
     def close(self) -> None:

@@ -191,7 +191,7 @@ def eval_lock(run_dir: str | Path, lease_s: float, heartbeat_s: float):
     and on the eval W&B run). Raises EvalError naming the holder."""
     from pipeline.launch.lock import RunLock, read_lease
 
-    lock = RunLock(RunDir(run_dir).eval_dir, lease_s, heartbeat_s, command="pretrain eval")
+    lock = RunLock(RunDir(run_dir).eval_lease, lease_s, heartbeat_s, command="pretrain eval")
     try:
         lock.acquire()
     except LockHeld:

@@ -53,7 +53,7 @@ def _lease_phase(run: RunDir, now: float) -> tuple[str, str] | None:
     """(phase, detail) from the run lock: running (a live lease) or crashed (a dead holder's)."""
     from pipeline.launch.lock import is_stale, read_lease
 
-    info = read_lease(run.root)
+    info = read_lease(run.remote or run.root)  # on an object store the lease is the store's object
     if info is None:
         return None
     if not is_stale(info, now, socket.gethostname()):

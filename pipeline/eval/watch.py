@@ -33,10 +33,13 @@ from pipeline.eval.records import EvalRecord, eval_lock, is_evaluated, load_reco
 from pipeline.rundir import RunDir
 from pipeline.storage import StorageError, open_storage
 from pipeline.train import checkpoint as ckpt
+from pipeline.train.remote import pull_run
 
 
 def pending(run_dir: str | Path) -> list[ckpt.Committed]:
-    """Committed checkpoints without an eval.json, oldest first."""
+    """Committed checkpoints without an eval.json, oldest first (a run on an object store: those
+    on the store, fetched into this node's mirror first)."""
+    pull_run(RunDir(run_dir), "unevaluated")
     return [c for c in ckpt.committed_checkpoints(RunDir(run_dir).checkpoints) if not is_evaluated(c.path)]
 
 
@@ -106,7 +109,7 @@ def evaluate_once(run_dir: str | Path, step: int | None = None, options: EvalOpt
         with abort_on_signals():
             return evaluate(run_dir, step=step, options=options, **ray)
     except KeyboardInterrupt as exc:
-        drop_own_lease(RunDir(run_dir).eval_dir)
+        drop_own_lease(RunDir(run_dir).eval_lease)
         raise _aborted(exc, "stopped before the checkpoint was scored; nothing was recorded; run the same "
                             "command again") from None
 
@@ -221,6 +224,6 @@ def watch(run_dir: str | Path, options: EvalOptions = EvalOptions(), interval_s:
             finally:
                 session.close()
     except KeyboardInterrupt as exc:
-        drop_own_lease(RunDir(run_dir).eval_dir)
+        drop_own_lease(RunDir(run_dir).eval_lease)
         raise _aborted(exc, "eval --watch aborted at once; the checkpoint in progress was not recorded and "
                             "stays pending for the next eval job") from None

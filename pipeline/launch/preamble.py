@@ -137,7 +137,12 @@ def check_paths(cfg) -> None:
     under) a file, a data.tokenizer.path that is not there."""
     from pathlib import Path
 
+    from pipeline.objstore import is_uri
+
     for field, value in (("run_dir", cfg.run_dir), ("data.output_dir", cfg.data.output_dir)):
+        if is_uri(value):
+            open_storage(value).check()  # the bucket, the credentials, the endpoint: one line if wrong
+            continue
         path = Path(value)
         for p in (path, *path.parents):
             if p.name and open_storage(p.parent).exists(p.name):
@@ -145,7 +150,7 @@ def check_paths(cfg) -> None:
                 raise ConfigError(f"{field}: {path} {what}, not a directory; point {field} at a directory "
                                   f"(or move the file away)")
     tok = cfg.data.tokenizer.path
-    if tok and not open_storage(Path(tok).parent).exists(Path(tok).name):
+    if tok and not is_uri(tok) and not open_storage(Path(tok).parent).exists(Path(tok).name):
         raise ConfigError(f"data.tokenizer.path: {tok} does not exist; fix the path, or unset it to train a "
                           f"tokenizer (the prepared dataset keeps its own copy as tokenizer.json)")
 
@@ -182,7 +187,7 @@ def rewind(cfg, log=print) -> None:
 def eval_hold(cfg) -> Callable[[], int | None]:
     """For retention at each commit: ``eval.hold_unevaluated`` while an eval job's lease on RUN_DIR/eval
     is live, else None (no eval job runs, nothing to hold for)."""
-    eval_dir = RunDir(cfg.run_dir).eval_dir
+    eval_dir = RunDir(cfg.run_dir).eval_lease
     host = socket.gethostname()
 
     def hold() -> int | None:
@@ -215,3 +220,32 @@ def drop_own_lease(directory) -> None:
 def lease(cfg) -> tuple[str, float, float, bool]:
     """run_lock's arguments for ``cfg``: the run directory, its lease timings, whether to lock at all."""
     return cfg.run_dir, cfg.launch.lock_lease_s, cfg.launch.lock_heartbeat_s, cfg.launch.lock
+
+
+def stage_inputs(cfg, log=print) -> None:
+    """A run or dataset on an object store: this node's mirror of the run (small files, the newest
+    committed checkpoint, the one ``checkpoint.resume_from`` names) and of the dataset, verified,
+    before anything reads them. One process per node downloads; the others find it done."""
+    from pipeline.data.staging import stage_dataset
+    from pipeline.rundir import DatasetDir
+    from pipeline.train import remote
+
+    run = RunDir(cfg.run_dir)
+    if run.remote:
+        steps = "all" if cfg.checkpoint.resume_from is not None else "newest"
+        remote.pull_run(run, steps, log=log)
+    stage_dataset(DatasetDir(cfg.data.output_dir), workers=cfg.storage.workers, log=log)
+
+
+def push_outputs(cfg) -> None:
+    """At exit: the run's small files (last_run.json, logs, W&B's offline folder) reach the store,
+    and how many requests had to be retried is told."""
+    from pipeline.objstore import RETRIES
+    from pipeline.train import remote
+
+    run = RunDir(cfg.run_dir)
+    if not run.remote:
+        return
+    remote.push_run(run)
+    if RETRIES.summary():
+        print(RETRIES.summary(), flush=True)

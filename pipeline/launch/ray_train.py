@@ -20,7 +20,8 @@ from pipeline.config import ConfigError, PipelineConfig, load_config
 from pipeline.errors import PipelineError
 from pipeline.launch import lock
 from pipeline.launch.env import cpu_or_cuda
-from pipeline.launch.preamble import guarded, lease
+from pipeline.launch.preamble import guarded, lease, stage_inputs
+from pipeline.objstore import is_uri
 from pipeline.rundir import RunDir
 
 WHO = "ray train"
@@ -33,7 +34,9 @@ def _worker(config: dict) -> None:
 
     os.environ.setdefault("DS_ACCELERATOR", cpu_or_cuda())
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    train(build_config(config["pipeline"], origin="(ray job)"))
+    cfg = build_config(config["pipeline"], origin="(ray job)")
+    stage_inputs(cfg)  # a run or dataset on an object store: this worker's node mirrors it first
+    train(cfg)
 
 
 def for_ray_workers(cfg: PipelineConfig, num_workers: int | None) -> PipelineConfig:
@@ -48,9 +51,29 @@ def for_ray_workers(cfg: PipelineConfig, num_workers: int | None) -> PipelineCon
             raise ConfigError(f"--num-workers {num_workers} is not a multiple of launch.gpus_per_node ({per_node})")
         launch = launch.model_copy(update={"nodes": num_workers // per_node})
         train = train.model_copy(update={"nproc_per_node": 1})
-    data = cfg.data.model_copy(update={"output_dir": str(Path(cfg.data.output_dir).resolve())})
-    return cfg.model_copy(update={"run_dir": str(Path(cfg.run_dir).resolve()), "data": data,
-                                  "launch": launch, "train": train})
+    data = cfg.data.model_copy(update={"output_dir": _absolute(cfg.data.output_dir)})
+    return cfg.model_copy(update={"run_dir": _absolute(cfg.run_dir), "data": data, "launch": launch, "train": train})
+
+
+def _absolute(location: str) -> str:
+    """A local path made absolute; an object-store URI as it is."""
+    return location if is_uri(location) else str(Path(location).resolve())
+
+
+def _storage(cfg: PipelineConfig) -> dict:
+    """RunConfig's storage: the object store itself when the run lives there (every worker node
+    reaches it; no shared filesystem needed), else the run directory's ray_train folder."""
+    run = RunDir(cfg.run_dir)
+    if not run.remote:
+        return {"storage_path": str(RunDir(Path(cfg.run_dir).resolve()).ray_train)}
+    import pyarrow.fs
+
+    from pipeline.objstore import filesystem, split_uri
+
+    scheme, bucket, prefix = split_uri(run.remote)
+    handler = pyarrow.fs.FSSpecHandler(filesystem(scheme))
+    return {"storage_path": "/".join(p for p in (bucket, prefix, "ray_train") if p),
+            "storage_filesystem": pyarrow.fs.PyFileSystem(handler)}
 
 
 def _trainer(cfg: PipelineConfig, world: int):
@@ -67,7 +90,7 @@ def _trainer(cfg: PipelineConfig, world: int):
                                  timeout_s=cfg.train.dist_timeout_s),
         scaling_config=ScalingConfig(num_workers=world, use_gpu=use_gpu,
                                      resources_per_worker={"GPU": 1} if use_gpu else {"CPU": 1}),
-        run_config=RunConfig(name=cfg.name, storage_path=str(RunDir(Path(cfg.run_dir).resolve()).ray_train)),
+        run_config=RunConfig(name=cfg.name, **_storage(cfg)),
     )
 
 
@@ -88,8 +111,8 @@ def fit(cfg: PipelineConfig, log=print) -> int:
         return 0
 
     def hold():
-        run_dir, lease_s, heartbeat_s = lease(cfg)
-        return lock.run_lock(Path(run_dir).resolve(), lease_s, heartbeat_s, command="pretrain ray train (driver)")
+        run_dir, lease_s, heartbeat_s, enabled = lease(cfg)
+        return lock.run_lock(_absolute(run_dir), lease_s, heartbeat_s, enabled, command="pretrain ray train (driver)")
 
     return guarded(cfg, work, who=WHO, hold=hold, verify=True, say=log)
 

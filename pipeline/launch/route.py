@@ -33,7 +33,7 @@ from pipeline.errors import EXIT_USER_ERROR, Halted, Interrupted, PipelineError
 from pipeline.launch import local, lock, ray_train
 from pipeline.launch.env import global_rank, under_launcher
 from pipeline.launch.preamble import (check_before_start, check_paths, drop_own_lease, eval_hold, guarded,
-                                      lease, rewind, tidy_finished)
+                                      lease, push_outputs, rewind, stage_inputs, tidy_finished)
 from pipeline.train.preemption import REPORTS_ENV, report_error
 
 WHO = "pretrain train"
@@ -69,6 +69,15 @@ def choose_route(backend: str, nproc_per_node: int, env: Mapping[str, str], spen
 def run_train(cfg: PipelineConfig, backend: str = "local", num_workers: int | None = None) -> int:
     """`pretrain train`: choose the route and run it; the exit code of the command."""
     check_paths(cfg)
+    stage_inputs(cfg)
+    try:
+        return _run_train(cfg, backend, num_workers)
+    finally:
+        if global_rank() == "0":
+            push_outputs(cfg)
+
+
+def _run_train(cfg: PipelineConfig, backend: str, num_workers: int | None) -> int:
     if under_launcher(os.environ):  # one rank: its launcher (or our parent) sees to signals and rewinds
         return _dispatch(cfg, backend, num_workers)
     with _StopOnSignals(cfg):

@@ -29,7 +29,7 @@ from pipeline.data.loader import BlendedSamples, open_split, rank_positions
 from pipeline.data.manifest import Manifest, manifest_sha256, verify_manifest
 from pipeline.models import initial_model
 from pipeline.models.flops import param_count, train_flops_per_token
-from pipeline.rundir import RunDir
+from pipeline.rundir import DatasetDir, RunDir
 from pipeline.tracking import NullTracker, Tracker
 from pipeline.train import checkpoint as ckpt
 from pipeline.train import guards, metrics, resume
@@ -405,7 +405,7 @@ def train(cfg: PipelineConfig, log=print, hold=None) -> dict:
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     init_distributed(cfg)
     rank, world = dist.get_rank(), dist.get_world_size()
-    data_dir = Path(cfg.data.output_dir)
+    data_dir = DatasetDir(cfg.data.output_dir).root
     manifest = verify_manifest(data_dir)
     seed, seq_len, arch = cfg.train.seed, cfg.train.seq_len, cfg.model.arch
     cfg.gradient_accumulation_steps(world)  # a ConfigError naming the fields, before anything is built

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pipeline.mirror import (SyncState, fetch, local_files, local_sha256, node_lock, node_local_rank, pull_files,
                              push_files)
 from pipeline.objstore import ObjectInfo, ObjectStorage
-from pipeline.rundir import RunDir, staged_step_of, step_of, tag_for
+from pipeline.rundir import RunDir, step_of, tag_for
 from pipeline.storage import LocalStorage
 from pipeline.train.records import CheckpointError, Commit
 
@@ -60,7 +60,9 @@ def committed_steps(run: RunDir) -> list[int]:
 
 def pull_run(run: RunDir, checkpoints: str | list[int] = "newest", log: Callable[[str], None] = print) -> None:
     """Bring this node's mirror of ``run`` up to date: small files, and the committed checkpoints
-    ``checkpoints`` names ("newest", "all", "none", or a list of steps). No-op for a local run."""
+    ``checkpoints`` names: "newest", "all", "unevaluated" (no eval.json on the store yet), a list of
+    steps, "none", or "meta" (of every committed one only COMMIT, trainer_state.json, config.yaml
+    and eval.json: enough for status and reports, not for a load). No-op for a local run."""
     if not run.remote:
         return
     store = run.remote_storage
@@ -70,9 +72,13 @@ def pull_run(run: RunDir, checkpoints: str | list[int] = "newest", log: Callable
         pull_files(store, state, {k: i for k, i in infos.items() if _is_small_file(k)})
         commits = _commits(infos)
         _drop_uncommitted(run, state, commits)
-        steps = list(commits) if checkpoints == "all" else [] if checkpoints == "none" else (
-            list(commits)[-1:] if checkpoints == "newest" else [s for s in checkpoints if s in commits])
-        fetched = sum(_pull_checkpoint(run, store, state, infos, step) for step in steps)
+        fetched = 0
+        if checkpoints == "meta":
+            for step in commits:
+                _pull_meta(run, store, state, infos, step)
+        else:
+            for step in _wanted(checkpoints, commits, infos):
+                fetched += _pull_checkpoint(run, store, state, infos, step)
         if commits:
             LocalStorage(run.checkpoints).write_atomic(RunDir.LATEST, commits[max(commits)] + "\n")
         state.save()
@@ -80,14 +86,35 @@ def pull_run(run: RunDir, checkpoints: str | list[int] = "newest", log: Callable
         log(f"storage: fetched {fetched / 1e6:,.1f} MB of checkpoints from {run.remote}")
 
 
+def _wanted(which: str | list[int], commits: dict[int, str], infos: dict[str, ObjectInfo]) -> list[int]:
+    if which == "all":
+        return list(commits)
+    if which == "none":
+        return []
+    if which == "newest":
+        return list(commits)[-1:]
+    if which == "unevaluated":
+        return [s for s, tag in commits.items() if f"{CKPT}/{tag}/{RunDir.EVAL_JSON}" not in infos]
+    return [s for s in which if s in commits]
+
+
+META = (RunDir.COMMIT, "trainer_state.json", RunDir.CONFIG, RunDir.EVAL_JSON)
+
+
+def _pull_meta(run: RunDir, store: ObjectStorage, state: SyncState, infos: dict[str, ObjectInfo], step: int) -> None:
+    """A committed checkpoint's small records only (its COMMIT last)."""
+    base = f"{CKPT}/{tag_for(step)}"
+    first = {k: i for k, i in infos.items() if k.startswith(base + "/") and k.rsplit("/", 1)[-1] in META[1:]}
+    pull_files(store, state, first)
+    pull_files(store, state, {k: i for k, i in infos.items() if k == f"{base}/{RunDir.COMMIT}"})
+
+
 def _drop_uncommitted(run: RunDir, state: SyncState, commits: dict[int, str]) -> None:
-    """Mirror checkpoints the store does not hold committed go (retired, or never finished)."""
+    """Mirror checkpoints the store does not hold committed go (retired, or never finished); a
+    save in flight on this node (its staging tree) is left alone."""
     local = run.checkpoint_storage
     for name in local.children():
-        step = staged_step_of(name)
-        if step is None:
-            continue
-        if name not in commits.values():
+        if step_of(name) is not None and name not in commits.values():
             local.delete_tree(name)
             state.forget(f"{CKPT}/{name}")
 
@@ -201,3 +228,25 @@ def push_run(run: RunDir) -> list[str]:
         sent = push_files(run.remote_storage, state, small + evals)
         state.save()
     return sent
+
+
+def localize(location: str, checkpoints: str | list[int] = "newest", log: Callable[[str], None] = print) -> str:
+    """For the commands that take a run or checkpoint directory (eval, status, report, export,
+    consolidate): a URI becomes this node's up-to-date mirror of it (``checkpoints`` as in
+    `pull_run`; a checkpoint URI fetches that checkpoint); a local path is returned as it is."""
+    from pipeline.objstore import is_uri
+
+    if not is_uri(location):
+        return location
+    head, _, tail = str(location).rstrip("/").rpartition("/")
+    step = step_of(tail)
+    if step is not None and head.endswith("/" + CKPT):
+        run = RunDir(head[: -len(CKPT) - 1])
+        pull_run(run, [step], log=log)
+        if not run.checkpoint_storage.exists(f"{tail}/{RunDir.COMMIT}"):
+            raise CheckpointError(f"{location}: not a committed checkpoint on the store (no {RunDir.COMMIT})")
+        return str(run.checkpoint(step))
+    run = RunDir(location)
+    run.remote_storage.check()
+    pull_run(run, checkpoints, log=log)
+    return str(run.root)

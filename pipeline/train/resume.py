@@ -38,7 +38,7 @@ from pipeline.models import state_dict_for_save
 from pipeline.rundir import RunDir
 from pipeline.storage import LocalStorage
 from pipeline.train import checkpoint as ckpt
-from pipeline.train import compat
+from pipeline.train import compat, remote
 from pipeline.train.engine import UNIVERSAL_INFO
 from pipeline.train.records import LRSchedule, TrainerState
 from pipeline.train.resume_point import resume_point

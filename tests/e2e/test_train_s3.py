@@ -1,0 +1,106 @@
+"""`pretrain train` with its run directory and dataset on object storage, through the real CLI,
+against a real S3 API server on loopback (moto's server: an emulator of the S3 API, not AWS).
+
+Each "machine" is a fresh node cache (PRETRAIN_CACHE_DIR): nothing carries over between them but
+the bucket.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from conftest import pretrain
+
+pytestmark = pytest.mark.e2e
+
+
+def upload_dataset(s3, data_dir: Path, prefix: str) -> str:
+    """A prepared local dataset onto the bucket the way prepare publishes one: manifest last."""
+    c = s3.client()
+    files = sorted(p for p in data_dir.rglob("*") if p.is_file() and p.name != "manifest.json"
+                   and not p.name.endswith((".lock", ".guard")))
+    for p in [*files, data_dir / "manifest.json"]:
+        c.upload_file(str(p), s3.bucket, f"{prefix}/{p.relative_to(data_dir).as_posix()}")
+    return f"s3://{s3.bucket}/{prefix}"
+
+
+def objects(s3, prefix: str) -> dict[str, bytes]:
+    c = s3.client()
+    return {k: c.get_object(Bucket=s3.bucket, Key=k)["Body"].read() for k in s3.keys(s3.bucket, prefix)}
+
+
+def run_sets(trained_run, run: str, data: str, steps: int) -> list[str]:
+    sets = list(trained_run["sets"])
+    pairs = {"run_dir": run, "data.output_dir": data, "train.max_steps": str(steps)}
+    out = []
+    for i in range(0, len(sets), 2):
+        key = sets[i + 1].split("=", 1)[0]
+        out += ["--set", f"{key}={pairs.pop(key)}"] if key in pairs else sets[i:i + 2]
+    return out + [a for k, v in pairs.items() for a in ("--set", f"{k}={v}")]
+
+
+def test_a_run_on_s3_commits_there_and_resumes_from_another_machine(trained_run, s3, tmp_path):
+    data = upload_dataset(s3, trained_run["data_dir"], "datasets/tiny")
+    run = f"s3://{s3.bucket}/runs/tiny"
+    first = pretrain("train", "configs/demo.yaml", *run_sets(trained_run, run, data, 3),
+                     env={"PRETRAIN_CACHE_DIR": str(tmp_path / "machine-a")})
+    out = first.stdout + first.stderr
+    assert "staged" in out and "dataset files" in out, out[-3000:]
+
+    stored = objects(s3, "runs/tiny/")
+    commit = json.loads(stored["runs/tiny/checkpoints/step_00000003/COMMIT"])
+    assert commit["step"] == 3 and set(commit["files"]) == set(commit["sizes"])
+    for name, sha in commit["files"].items():  # COMMIT lists every object with its size and sha256
+        body = stored[f"runs/tiny/checkpoints/step_00000003/{name}"]
+        assert hashlib.sha256(body).hexdigest() == sha and len(body) == commit["sizes"][name]
+    listed = {f"runs/tiny/checkpoints/step_00000003/{n}" for n in commit["files"]}
+    ckpt_objects = {k for k in stored if k.startswith("runs/tiny/checkpoints/step_")}
+    assert ckpt_objects == listed | {"runs/tiny/checkpoints/step_00000003/COMMIT"}
+    assert stored["runs/tiny/checkpoints/latest"] == b"step_00000003\n"
+    for key in ("config.yaml", "metrics.jsonl", "last_run.json"):
+        assert f"runs/tiny/{key}" in stored, sorted(stored)
+    assert "runs/tiny/run.lock" not in stored  # released on the store
+    assert not any("secret" in v.decode("utf-8", "replace").lower() or "testing" in v.decode("utf-8", "replace")
+                   for k, v in stored.items() if k.endswith((".yaml", ".json", ".jsonl")))
+
+    # a second machine, nothing in its cache: resumes from the store's newest COMMIT
+    second = pretrain("train", "configs/demo.yaml", *run_sets(trained_run, run, data, 6),
+                      env={"PRETRAIN_CACHE_DIR": str(tmp_path / "machine-b")})
+    out = second.stdout + second.stderr
+    assert "resum" in out and "step 3" in out, out[-3000:]
+    stored = objects(s3, "runs/tiny/")
+    assert "runs/tiny/checkpoints/step_00000006/COMMIT" in stored
+    steps = [json.loads(line)["step"] for line in stored["runs/tiny/metrics.jsonl"].decode().splitlines()
+             if '"train/loss"' in line]
+    assert steps and max(steps) == 6 and min(steps) <= 2  # the log went on from the first machine's
+
+    # status and report from a third machine
+    status = pretrain("status", run, "--json", env={"PRETRAIN_CACHE_DIR": str(tmp_path / "machine-c")})
+    assert json.loads(status.stdout)["step"] == 6
+    pretrain("report", run, env={"PRETRAIN_CACHE_DIR": str(tmp_path / "machine-c")})
+    assert "runs/tiny/report.html" in s3.keys(s3.bucket, "runs/tiny/")
+
+
+def test_a_wrong_bucket_is_one_line_before_any_rank_starts(trained_run, s3, tmp_path):
+    proc = pretrain("train", "configs/demo.yaml", *run_sets(trained_run, "s3://no-such-bucket-zz/run",
+                                                            str(trained_run["data_dir"]), 3), check=False)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert err[-1].startswith("pretrain train: error: s3://no-such-bucket-zz/run: bucket 'no-such-bucket-zz' does not exist"), err
+    assert "Traceback" not in proc.stderr and "step" not in proc.stdout
+
+
+def test_an_altered_shard_on_the_store_is_refused_naming_it(trained_run, s3, tmp_path):
+    data = upload_dataset(s3, trained_run["data_dir"], "datasets/tampered")
+    shard = next(k for k in s3.keys(s3.bucket, "datasets/tampered/train/") if k.endswith(".bin"))
+    c = s3.client()
+    body = bytearray(c.get_object(Bucket=s3.bucket, Key=shard)["Body"].read())
+    body[0] ^= 0xFF
+    c.put_object(Bucket=s3.bucket, Key=shard, Body=bytes(body))
+    proc = pretrain("train", "configs/demo.yaml", *run_sets(trained_run, str(tmp_path / "run"), data, 3), check=False)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert f"s3://{s3.bucket}/{shard}: sha256" in line and "does not match" in line, line
