@@ -96,9 +96,7 @@ def _follow(client, job_id: str, poll_s: float, out) -> str:
             out(logs[shown:].rstrip("\n"))
             shown = len(logs)
         if JobStatus(status).is_terminal():
-            status = str(status.value if hasattr(status, "value") else status)
-            code = client.get_job_info(job_id).driver_exit_code
-            return status if code is None else f"{status} (exit code {code})"
+            return str(status.value if hasattr(status, "value") else status)
         time.sleep(poll_s)
 
 
@@ -143,7 +141,8 @@ def submit(cfg: PipelineConfig, *, stage: str = "all", address: str | None = Non
     if not wait:
         return 0
     status = _follow(client, job_id, poll_s, out)
-    out(f"Ray job {job_id}: {status}")
+    code = client.get_job_info(job_id).driver_exit_code  # the entrypoint's: 3 when the run was locked
+    out(f"Ray job {job_id}: {status}" + ("" if code is None else f" (exit code {code})"))
     return 0 if status == "SUCCEEDED" else 1
 
 
@@ -155,8 +154,11 @@ def crontab_line(schedule: str, config: str, overrides: list[str], address: str,
     args = [python, "-m", "pipeline.cli", "submit", str(Path(config).resolve()), "--to", "ray",
             "--address", address] + [a for o in overrides for a in ("--set", o)]
     args += (["--stage", stage] if stage != "all" else []) + ["--wait"]
-    command = f". {shlex.quote(str(env))} && cd {shlex.quote(str(workdir()))} && {shlex.join(args)}"
-    return f"{schedule} {logged(command, log)}"
+    command = logged(f". {shlex.quote(str(env))} && cd {shlex.quote(str(workdir()))} && {shlex.join(args)}", log)
+    if "%" in command:
+        raise ConfigError(f"the crontab line would hold a '%', which cron reads as a newline: {command}; "
+                          f"rename the path or override that holds it")
+    return f"{schedule} {command}"
 
 
 def schedule(cfg: PipelineConfig, schedule: str, config: str, overrides: list[str], address: str | None,
