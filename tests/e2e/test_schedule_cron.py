@@ -142,6 +142,11 @@ def test_the_printed_crontab_command_trains_in_crons_bare_environment(ray_head, 
     assert _steps(run_dir)[-1] == 4
     assert json.loads((run_dir / "last_run.json").read_text())["outcome"] == "finished"
     assert (run_dir / "config.yaml").is_file()  # the Ray driver leaves the config it ran
+    # the follow-up command the firing printed runs as pasted, still with no RAY_* in the environment
+    status = next(l for l in text.splitlines() if l.startswith("  status:")).split(":", 1)[1].strip()
+    shown = subprocess.run(["/bin/sh", "-c", status], env=CRON_ENV, capture_output=True, text=True, timeout=120)
+    job_id = ends[0].split(":", 1)[0]
+    assert shown.returncode == 0 and f"Job '{job_id}' succeeded" in shown.stdout + shown.stderr, shown.stdout
 
 
 @pytest.mark.slow
