@@ -300,10 +300,11 @@ def cmd_submit(args) -> int:
         from pipeline.launch import ray_jobs
 
         if schedule:
-            address = ray_jobs.resolve_address(args.address, cfg)
+            line = ray_jobs.schedule(cfg, schedule, args.config, overrides, args.address, args.stage)
             print("# Ray has no scheduler of its own: add this line to the crontab (crontab -e) of a machine "
-                  "that reaches the cluster;\n# each firing submits a job that resumes the run")
-            print(ray_jobs.crontab_line(schedule, args.config, overrides, address))
+                  "that reaches the cluster;\n# each firing submits a job that resumes the run, and appends "
+                  "what it printed to RUN_DIR/schedule.log")
+            print(line)
             return 0
         return ray_jobs.submit(cfg, stage=args.stage, address=args.address, dry_run=args.dry_run, wait=args.wait)
     if args.to == "slurm":

@@ -591,7 +591,9 @@ class RayLaunchConfig(Section):
         "cluster's image provides the Python packages). shared: the cluster sees this checkout at the "
         "same path (NFS, docker/compose.yaml); nothing is uploaded.",
     )
-    python: str = Field("python", description="Python executable on the cluster (with this package's dependencies).")
+    python: str | None = Field(
+        None, description="Python executable on the cluster (with this package's dependencies); None: launch.python."
+    )
 
 
 class SlurmLaunchConfig(Section):
@@ -605,7 +607,7 @@ class SlurmLaunchConfig(Section):
     signal_lead_s: int = Field(
         120, ge=10, description="Slurm sends USR1 this long before the time limit; the job then requeues."
     )
-    python: str = Field("python", description="Python executable on the compute nodes.")
+    python: str | None = Field(None, description="Python executable on the compute nodes; None: launch.python.")
 
 
 class K8sLaunchConfig(Section):
@@ -637,6 +639,11 @@ class LaunchConfig(Section):
         "train.nproc_per_node ranks each.",
     )
     rdzv_port: int = Field(29500, ge=1024, le=65535, description="torchrun rendezvous port on the first node.")
+    python: str | None = Field(
+        None, description="Python executable a Slurm or Ray job runs (launch.slurm.python / launch.ray.python "
+        "override it); None: the interpreter running `pretrain submit` (sys.executable). Kubernetes pods "
+        "run the image's `python` unless this is set.",
+    )
     lock_lease_s: float = Field(
         120.0, gt=0, description="A run-directory lock not renewed for this long is taken over."
     )

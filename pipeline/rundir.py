@@ -178,6 +178,16 @@ class RunDir:
     def ray_train(self) -> Path:
         return self.root / "ray_train"
 
+    @property
+    def schedule_log(self) -> Path:
+        """What each firing of a crontab line from `pretrain submit --schedule` printed (appended)."""
+        return self.root / "schedule.log"
+
+    @property
+    def ray_env(self) -> Path:
+        """The environment `ray job ...` needs for this run's cluster (address, auth); mode 0600."""
+        return self.submitted / "ray.env"
+
 
 @dataclass(frozen=True)
 class DatasetDir:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import shutil
+import sys
 from pathlib import Path
 
 from pipeline.config import ConfigError, PipelineConfig
@@ -41,6 +43,35 @@ def absolute_paths(cfg: PipelineConfig, base: Path | None = None) -> PipelineCon
         "tokenizer": cfg.data.tokenizer.model_copy(update={"path": _absolute(cfg.data.tokenizer.path, base)}),
     })
     return cfg.model_copy(update={"run_dir": _absolute(cfg.run_dir, base), "data": data})
+
+
+def interpreter(cfg: PipelineConfig, specific: str | None = None) -> str:
+    """The Python a job runs: the target's own setting (launch.slurm.python, launch.ray.python), else
+    launch.python, else the interpreter running `pretrain submit` (its virtualenv, activated or not)."""
+    return specific or cfg.launch.python or sys.executable
+
+
+def workdir() -> Path:
+    """Where a job runs: the directory `pretrain submit` was run in (as sbatch does by default), the
+    one relative paths were resolved against."""
+    return Path.cwd().resolve()
+
+
+def env_file(path: Path, values: dict[str, str]) -> Path:
+    """A shell file of ``export NAME=value`` lines, readable by its owner only (it may hold a token);
+    printed commands source it instead of repeating a secret on the screen or in a crontab."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in values.items())
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        os.fchmod(f.fileno(), 0o600)
+        f.write(text)
+    return path
+
+
+def logged(command: str, log: Path) -> str:
+    """``command`` with its output appended to ``log`` (a crontab line has no terminal)."""
+    return f"{command} >> {shlex.quote(str(log))} 2>&1"
 
 
 def stage_commands(python: str, config: str, run_dir: str, stage: str, train_module: str = "pipeline.cli") -> list[str]:

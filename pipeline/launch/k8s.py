@@ -7,8 +7,12 @@ Scheduled (``--schedule``): a KubeRay ``RayCronJob`` with the same job as its te
 ``launch.k8s.schedule_kind: CronJob``) a batch/v1 ``CronJob`` whose pod runs
 ``pretrain submit --to ray --wait`` against a standing RayCluster at ``launch.ray.address``.
 
-Pods mount ``launch.k8s.storage_claim`` at ``launch.k8s.mount_path``; relative run_dir, data and
-source paths are placed under it, so every firing finds the previous firing's checkpoints.
+Where the run lives: a pod's own disk is gone when the pod is, and other pods never see it. So
+run_dir and data.output_dir are either on an object store (``s3://``, ``gs://``, ``az://``) or on
+``launch.k8s.storage_claim``, which every pod mounts at ``launch.k8s.mount_path``; relative run_dir,
+data and source paths are then placed under the mount, so every firing finds the previous firing's
+checkpoints. Anything else is refused at rendering, naming the field. Pods run the image's ``python``
+(launch.python overrides it) in the image's working directory (/opt/pretrain).
 """
 
 from __future__ import annotations
@@ -20,13 +24,16 @@ from pathlib import PurePosixPath
 
 import yaml
 
-from pipeline.config import ConfigError, PipelineConfig, to_yaml
+from pydantic import BaseModel
+
+from pipeline.config import ConfigError, PipelineConfig
 from pipeline.launch.cluster import SubmitError, stage_commands
 
 CODE_DIR = "/opt/pretrain"  # where the Dockerfiles put the project
 CONFIG_DIR = "/etc/pretrain"
 CONFIG_FILE = f"{CONFIG_DIR}/config.yaml"
 ENV_SECRET = "pretrain-env"  # optional Secret (WANDB_API_KEY, ...) exported into every pod
+OBJECT_STORES = ("s3://", "gs://", "az://")
 
 
 def k8s_name(cfg: PipelineConfig) -> str:
@@ -42,9 +49,31 @@ def _under_mount(path: str | None, mount: str) -> str | None:
     return str(p if p.is_absolute() else PurePosixPath(mount) / p)
 
 
+def _check_storage(cfg: PipelineConfig) -> None:
+    """run_dir and data.output_dir on an object store, or on the claim every pod mounts."""
+    k = cfg.launch.k8s
+    for field, value in (("run_dir", cfg.run_dir), ("data.output_dir", cfg.data.output_dir)):
+        if value.startswith(OBJECT_STORES):
+            continue
+        if not k.storage_claim:
+            raise ConfigError(
+                f"{field}: {value} is a path on the pod's own disk, which other pods never see and which is "
+                f"gone with the pod: set launch.k8s.storage_claim (a PersistentVolumeClaim, mounted at "
+                f"launch.k8s.mount_path) or put {field} on an object store (s3://, gs://, az://)")
+        p = PurePosixPath(value)
+        if p.is_absolute() and not p.is_relative_to(k.mount_path):
+            raise ConfigError(
+                f"{field}: {value} is not under launch.k8s.mount_path ({k.mount_path}), where "
+                f"launch.k8s.storage_claim is mounted: give a path relative to it or under it")
+
+
 def pod_paths(cfg: PipelineConfig) -> PipelineConfig:
-    """Relative paths resolved under the shared volume's mount path (not the submitter's cwd)."""
+    """Relative paths resolved under the shared volume's mount path (not the submitter's cwd); as they
+    are without a claim (the run is on an object store, relative inputs are in the image)."""
+    _check_storage(cfg)
     mount = cfg.launch.k8s.mount_path
+    if not cfg.launch.k8s.storage_claim:
+        return cfg
     data = cfg.data.model_copy(update={
         "output_dir": _under_mount(cfg.data.output_dir, mount),
         "sources": [s.model_copy(update={"path": _under_mount(s.path, mount)}) for s in cfg.data.sources],
@@ -87,7 +116,7 @@ def _pod_spec(cfg: PipelineConfig, container: dict, restart: str | None = None) 
 def ray_job_spec(cfg: PipelineConfig) -> dict:
     """The RayJobSpec: the Ray cluster and the entrypoint (prepare → Ray Train → eval)."""
     k, launch = cfg.launch.k8s, cfg.launch
-    commands = stage_commands("python", CONFIG_FILE, cfg.run_dir, "all", train_module="pipeline.launch.ray_train")
+    commands = stage_commands(cfg.launch.python or "python", CONFIG_FILE, cfg.run_dir, "all", train_module="pipeline.launch.ray_train")
     return {
         "entrypoint": " && ".join([f"cd {CODE_DIR}"] + commands),
         "shutdownAfterJobFinishes": True,
@@ -111,6 +140,24 @@ def ray_job_spec(cfg: PipelineConfig) -> dict:
     }
 
 
+def _unset(model: BaseModel) -> dict:
+    """The fields left at a None default, as a pydantic exclude tree."""
+    exclude: dict = {}
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        if value is None and field.default is None:
+            exclude[name] = True
+        elif isinstance(value, BaseModel) and (sub := _unset(value)):
+            exclude[name] = sub
+    return exclude
+
+
+def shipped_yaml(cfg: PipelineConfig) -> str:
+    """The resolved config the pods read, without the fields left at a None default (`x: null`
+    tells a reader nothing; loading it back gives the same config)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json", exclude=_unset(cfg)), sort_keys=False)
+
+
 def render(cfg: PipelineConfig, schedule: str | None = None) -> list[dict]:
     """The manifests to apply, in order: the config's ConfigMap, then the RayJob / RayCronJob / CronJob."""
     cfg = pod_paths(cfg)
@@ -120,7 +167,7 @@ def render(cfg: PipelineConfig, schedule: str | None = None) -> list[dict]:
     config_map = {
         "apiVersion": "v1", "kind": "ConfigMap",
         "metadata": dict(meta, name=name + "-config"),
-        "data": {"config.yaml": to_yaml(cfg)},
+        "data": {"config.yaml": shipped_yaml(cfg)},
     }
     if schedule is None:
         job = {"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": meta, "spec": ray_job_spec(cfg)}

@@ -11,7 +11,8 @@ one rank of a launcher's group) inside the same rules:
    every rank; what needs no lock (paths, the device, `check_before_start`) is checked before it;
 3. training that stopped itself (`Halted`) ends with one line and the halt's exit code; the last
    committed checkpoint is intact;
-4. the lock holder writes how the run ended (`RunEnd`, RUN_DIR/last_run.json), so `pretrain status`
+4. the lock holder writes the resolved config it runs (RUN_DIR/config.yaml) and how the run ended
+   (`RunEnd`, RUN_DIR/last_run.json), so `pretrain status`
    can tell a run that stopped, was preempted or interrupted from one that is running (its lease is
    live) or crashed (its lease was left behind by a dead holder).
 """
@@ -25,7 +26,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, to_yaml
 from pipeline.errors import Halted, Interrupted, PipelineError
 from pipeline.launch import lock
 from pipeline.records import Record
@@ -107,6 +108,8 @@ def guarded(cfg, work: Work, *, who: str, hold: Callable[[], contextlib.Abstract
         say(f"{who}: {spent}")
         return 0
     with hold() as held:
+        if isinstance(held, lock.RunLock):  # the holder, on every route: RUN_DIR/config.yaml is what ran
+            RunDir(cfg.run_dir).storage.write_atomic(RunDir.CONFIG, to_yaml(cfg))
         took_over = getattr(held, "took_over", None)
         if took_over is not None:
             say(f"{who}: took over a stale run lock of pid {took_over.pid} on {took_over.host}")

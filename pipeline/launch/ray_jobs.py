@@ -5,8 +5,13 @@ How the code reaches the cluster (``launch.ray.code``):
   (Ray's runtime_env working_dir, a few hundred KB; never .venv, runs/ or data/). The cluster's Python
   (the docker/Dockerfile.cuda image) supplies the dependencies; the job runs the code you submitted.
 - ``shared``: the cluster sees this checkout at the same path (NFS, or docker/compose.yaml which
-  mounts it); nothing is uploaded and the job runs ``cd <checkout> && python -m pipeline.cli ...``.
+  mounts it); nothing is uploaded and the job runs ``cd <submit dir> && PYTHON -m pipeline.cli ...``.
 Either way run_dir and data.output_dir are made absolute and must be storage every node shares.
+PYTHON is `cluster.interpreter`: launch.ray.python, else launch.python, else the submitting Python.
+
+The commands printed after a submission (`ray job logs`, status, stop) and the ``--schedule`` crontab
+line source RUN_DIR/submitted/ray.env (mode 0600): RAY_ADDRESS and the token-auth variables this
+submission used, so they run as pasted and no token is printed.
 
 The train stage is `pipeline.launch.ray_train` (Ray Train's TorchTrainer), so ``launch.nodes > 1``
 trains across nodes; prepare uses the cluster for Ray Data; eval runs in the driver.
@@ -17,12 +22,14 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 from pipeline.config import ConfigError, PipelineConfig, to_yaml
-from pipeline.launch.cluster import PROJECT_ROOT, SubmitError, absolute_paths, stage_commands, stage_project
+from pipeline.launch.cluster import (SubmitError, absolute_paths, env_file, interpreter, logged, stage_commands,
+                                     stage_project, workdir)
 from pipeline.rundir import RunDir
 from pipeline.storage import open_storage
 
@@ -39,10 +46,9 @@ def resolve_address(cli_address: str | None, cfg: PipelineConfig) -> str:
 
 def job_spec(cfg: PipelineConfig, stage: str, config_ref: str, working_dir: str | None) -> dict:
     """Entrypoint, runtime_env and metadata of the job (JSON-able; printed by --dry-run)."""
-    r = cfg.launch.ray
-    commands = stage_commands(r.python, config_ref, cfg.run_dir, stage, train_module="pipeline.launch.ray_train")
+    commands = stage_commands(interpreter(cfg, cfg.launch.ray.python), config_ref, cfg.run_dir, stage, train_module="pipeline.launch.ray_train")
     if working_dir is None:  # shared: the checkout is at the same path on the cluster
-        commands = [f"cd {shlex.quote(str(PROJECT_ROOT))}"] + commands
+        commands = [f"cd {shlex.quote(str(workdir()))}"] + commands
     runtime_env: dict = {"env_vars": {"PYTHONUNBUFFERED": "1"}}
     if working_dir is not None:
         runtime_env["working_dir"] = working_dir
@@ -54,6 +60,29 @@ def job_spec(cfg: PipelineConfig, stage: str, config_ref: str, working_dir: str 
     if cfg.launch.gpus_per_node:  # the driver (prepare, eval) on a GPU node too
         spec["entrypoint_num_gpus"] = 0.01
     return spec
+
+
+AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+
+
+def ray_env(cfg: PipelineConfig, address: str) -> Path:
+    """RUN_DIR/submitted/ray.env: the address and the auth variables of this environment."""
+    values = {"RAY_ADDRESS": address} | {k: os.environ[k] for k in AUTH_VARS if os.environ.get(k)}
+    return env_file(RunDir(cfg.run_dir).ray_env, values)
+
+
+def ray_cli() -> str:
+    """The `ray` command next to this Python (its virtualenv need not be activated), else on PATH."""
+    beside = Path(sys.executable).parent / "ray"
+    return str(beside) if beside.is_file() else "ray"
+
+
+def follow_up(env: Path, job_id: str) -> list[str]:
+    """The commands to watch and stop the job, each runnable as pasted into any shell."""
+    ray = f"(. {shlex.quote(str(env))} && {shlex.quote(ray_cli())} job"
+    return [f"  follow its logs: {ray} logs -f {job_id})",
+            f"  status:          {ray} status {job_id})",
+            f"  stop:            {ray} stop {job_id})"]
 
 
 def _follow(client, job_id: str, poll_s: float, out) -> str:
@@ -79,9 +108,8 @@ def submit(cfg: PipelineConfig, *, stage: str = "all", address: str | None = Non
     shared = cfg.launch.ray.code == "shared"
     with tempfile.TemporaryDirectory(prefix="pretrain-job-") as tmp:
         if shared:
-            submitted = RunDir(cfg.run_dir).submitted
-            if not dry_run:
-                open_storage(submitted).write_atomic(f"{submission_id}.yaml", to_yaml(cfg))
+            submitted = RunDir(cfg.run_dir).submitted  # written on --dry-run too: the spec names it
+            open_storage(submitted).write_atomic(f"{submission_id}.yaml", to_yaml(cfg))
             config_ref = str(submitted / f"{submission_id}.yaml")
             spec = job_spec(cfg, stage, config_ref, working_dir=None)
         else:  # the config travels with the code: a path relative to the job's working directory
@@ -107,18 +135,36 @@ def submit(cfg: PipelineConfig, *, stage: str = "all", address: str | None = Non
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise SubmitError(f"Ray cluster at {address} refused the job: {exc}") from None
     out(f"submitted Ray job {job_id} to {address}")
-    out(f"  follow its logs: RAY_ADDRESS={address} ray job logs -f {job_id}")
-    out(f"  status / stop:   ray job status {job_id} / ray job stop {job_id}")
+    for line in follow_up(ray_env(cfg, address), job_id):
+        out(line)
     out(f"  outputs:         {cfg.run_dir}")
     if not wait:
         return 0
     status = _follow(client, job_id, poll_s, out)
-    out(f"Ray job {job_id}: {status}")
+    code = client.get_job_info(job_id).driver_exit_code  # the entrypoint's: 3 when the run was locked
+    out(f"Ray job {job_id}: {status}" + ("" if code is None else f" (exit code {code})"))
     return 0 if status == "SUCCEEDED" else 1
 
 
-def crontab_line(schedule: str, config: str, overrides: list[str], address: str, python: str = "python") -> str:
-    """A crontab(5) entry that submits the job at each firing (Ray itself has no scheduler)."""
+def crontab_line(schedule: str, config: str, overrides: list[str], address: str, *, python: str, env: Path,
+                 log: Path, stage: str = "all") -> str:
+    """A crontab(5) entry that submits the job at each firing and waits for it (Ray itself has no
+    scheduler): cron's bare environment gets the address and token from ``env``, the firing's output
+    (the job's log, its end and exit code) is appended to ``log``."""
     args = [python, "-m", "pipeline.cli", "submit", str(Path(config).resolve()), "--to", "ray",
             "--address", address] + [a for o in overrides for a in ("--set", o)]
-    return f"{schedule} cd {shlex.quote(str(PROJECT_ROOT))} && {shlex.join(args)}"
+    args += (["--stage", stage] if stage != "all" else []) + ["--wait"]
+    command = logged(f". {shlex.quote(str(env))} && cd {shlex.quote(str(workdir()))} && {shlex.join(args)}", log)
+    if "%" in command:
+        raise ConfigError(f"the crontab line would hold a '%', which cron reads as a newline: {command}; "
+                          f"rename the path or override that holds it")
+    return f"{schedule} {command}"
+
+
+def schedule(cfg: PipelineConfig, schedule: str, config: str, overrides: list[str], address: str | None,
+             stage: str = "all") -> str:
+    """The crontab line for ``--schedule`` (written: the env file it sources)."""
+    cfg = absolute_paths(cfg)
+    address = resolve_address(address, cfg)
+    return crontab_line(schedule, config, overrides, address, python=interpreter(cfg, cfg.launch.ray.python),
+                        env=ray_env(cfg, address), log=RunDir(cfg.run_dir).schedule_log, stage=stage)

@@ -25,6 +25,15 @@ from pipeline.objstore import is_uri
 from pipeline.rundir import RunDir
 
 WHO = "ray train"
+# Set in the driver; Ray Train passes them on to its controller and workers.
+RAY_TRAIN_ENV = {
+    # Ray Train's print patch sends each print of a worker both to its stdout and to a logger that
+    # writes to the console too: every line twice in the job log. Our ranks print plain lines.
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    # Ray Train's node-drain watcher: nothing here reads its notices (a rank stops on SIGTERM), and its
+    # actor logs a core_worker error line at every start.
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+}
 
 
 def _worker(config: dict) -> None:
@@ -101,6 +110,8 @@ def fit(cfg: PipelineConfig, log=print) -> int:
     cfg.gradient_accumulation_steps(world)  # fail before any worker starts
 
     def work(_held) -> int:
+        for key, value in RAY_TRAIN_ENV.items():
+            os.environ.setdefault(key, value)
         trainer = _trainer(cfg, world)
         kind = " GPU" if cfg.launch.gpus_per_node > 0 else " CPU"
         log(f"{WHO}: {world} workers ({cfg.launch.nodes} node(s) × {ranks}{kind} ranks)")

@@ -9,16 +9,18 @@ script at each firing (``--dependency=singleton``: never two at once).
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 from pipeline.config import ConfigError, PipelineConfig, to_yaml
-from pipeline.launch.cluster import PROJECT_ROOT, SubmitError, absolute_paths, stage_commands
+from pipeline.launch.cluster import PROJECT_ROOT, SubmitError, absolute_paths, interpreter, stage_commands, workdir
 from pipeline.rundir import RunDir
 from pipeline.storage import open_storage
 
@@ -51,12 +53,12 @@ def render_sbatch(cfg: PipelineConfig, config_path: str, stage: str = "all") -> 
     if s.account:
         extra.append(f"#SBATCH --account={s.account}")
     ranks = launch.ranks_per_node(cfg.train)
-    py, conf = s.python, shlex.quote(config_path)
+    py, conf = shlex.quote(interpreter(cfg, s.python)), shlex.quote(config_path)
     torchrun = (f"srun --kill-on-bad-exit=1 --ntasks-per-node=1 {py} -m torch.distributed.run "
                 f"--nnodes=\"$SLURM_JOB_NUM_NODES\" --nproc-per-node={ranks} --rdzv-backend=c10d "
                 f"--rdzv-endpoint=\"$MASTER_ADDR:$MASTER_PORT\" --rdzv-id=\"$SLURM_JOB_ID\" "
                 f"-m pipeline.cli train {conf}")
-    commands = stage_commands(py, config_path, cfg.run_dir, stage)
+    commands = stage_commands(interpreter(cfg, s.python), config_path, cfg.run_dir, stage)
     commands = [torchrun if " pipeline.cli train " in c else c for c in commands]
     values = {
         "job_name": job_name(cfg),
@@ -68,7 +70,7 @@ def render_sbatch(cfg: PipelineConfig, config_path: str, stage: str = "all") -> 
         "extra_sbatch": "\n".join(extra),
         "ranks_per_node": str(ranks),
         "rdzv_port": str(launch.rdzv_port),
-        "workdir": shlex.quote(str(PROJECT_ROOT)),
+        "workdir": shlex.quote(str(workdir())),
         "stages": "\n".join(f"stage {c}" for c in commands),
     }
     return render_template(template.read_text(encoding="utf-8"), values)
@@ -86,8 +88,12 @@ def scrontab_entry(cfg: PipelineConfig, schedule: str, script: Path) -> str:
 
 
 def crontab_line(cfg: PipelineConfig, schedule: str, script: Path) -> str:
-    """The plain-cron alternative to scrontab, for a login node's crontab."""
-    return f"{schedule} sbatch --dependency=singleton --job-name={job_name(cfg)} {shlex.quote(str(script))}"
+    """The plain-cron alternative to scrontab, for a login node's crontab. cron's PATH is /usr/bin:/bin:
+    sbatch by its full path when it lives elsewhere. (The job needs no secret: munge authenticates it.)"""
+    sbatch = shutil.which("sbatch") or "sbatch"
+    if Path(sbatch).parent in (Path("/usr/bin"), Path("/bin")):
+        sbatch = "sbatch"
+    return f"{schedule} {sbatch} --dependency=singleton --job-name={job_name(cfg)} {shlex.quote(str(script))}"
 
 
 def merge_scrontab(existing: str, block: str, name: str) -> str:
@@ -122,19 +128,22 @@ def submit(cfg: PipelineConfig, *, stage: str = "all", dry_run: bool = False, wa
            schedule: str | None = None, out=print) -> int:
     cfg = absolute_paths(cfg)
     run = RunDir(cfg.run_dir)
-    tag = time.strftime("%Y%m%d-%H%M%S")
+    tag = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"  # two submits in one second keep their files
     config_name, script_name = f"slurm-{tag}.yaml", f"slurm-{tag}.sbatch"
     script_path = run.submitted / script_name
     script = render_sbatch(cfg, str(run.submitted / config_name), stage)
-    if dry_run:
-        out(script)
-        if schedule:
-            out(scrontab_entry(cfg, schedule, script_path))
-        return 0
+    # on --dry-run too: every file the script names exists, so it can be sbatch'ed by hand
     open_storage(run.slurm_logs).makedirs()  # sbatch writes the job's log there from its first line
     submitted = open_storage(run.submitted)
     submitted.write_atomic(config_name, to_yaml(cfg))
     submitted.write_atomic(script_name, script)
+    if dry_run:
+        out(script)
+        if schedule:
+            out(scrontab_entry(cfg, schedule, script_path))
+        print(f"pretrain submit: saved {script_path} (and its config); submit it by hand with "
+              f"`sbatch {shlex.quote(str(script_path))}`", file=sys.stderr)
+        return 0
     if schedule and shutil.which("scrontab") is None:  # e.g. Debian's slurm-client ships no scrontab
         out(f"# this Slurm has no scrontab: add this line to the crontab (crontab -e) of this login node;\n"
             f"# each firing submits {script_path}, never two at once (--dependency=singleton)")

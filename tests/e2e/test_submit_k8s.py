@@ -28,7 +28,8 @@ def test_apply_without_a_reachable_cluster_is_one_clear_line(tmp_path):
         "contexts": [{"name": "none", "context": {"cluster": "none", "user": "none"}}],
         "users": [{"name": "none", "user": {}}],
     }))
-    done = pretrain("submit", "configs/demo.yaml", "--to", "k8s", check=False, timeout=120,
+    done = pretrain("submit", "configs/demo.yaml", "--to", "k8s", "--set", "launch.k8s.storage_claim=lm",
+                    check=False, timeout=120,
                     env={"KUBECONFIG": str(kubeconfig)})
     assert done.returncode == 1 and "Traceback" not in done.stderr
     expected = "kubectl apply failed" if shutil.which("kubectl") else "`kubectl` is not on PATH"

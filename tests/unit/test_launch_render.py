@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -110,7 +111,7 @@ def test_rayjob_manifest_matches_the_kuberay_schema_and_pod_schemas(tmp_path):
 
 
 def test_raycronjob_wraps_the_same_job_with_a_schedule(tmp_path):
-    cfg = load_config(ROOT / "configs/demo.yaml", ["run_dir=runs/r1"])
+    cfg = load_config(ROOT / "configs/demo.yaml", ["run_dir=runs/r1", "launch.k8s.storage_claim=lm-data"])
     _, cron = k8s.render(cfg, schedule="0 */6 * * *")
     jsonschema.validate(cron, RAY_SCHEMA)
     assert cron["kind"] == "RayCronJob" and cron["spec"]["schedule"] == "0 */6 * * *"
@@ -119,7 +120,8 @@ def test_raycronjob_wraps_the_same_job_with_a_schedule(tmp_path):
 
 def test_cronjob_submits_to_a_standing_ray_cluster_and_validates_as_batch_v1(tmp_path):
     cfg = load_config(ROOT / "configs/demo.yaml", [
-        "launch.k8s.schedule_kind=CronJob", "launch.ray.address=http://lm-head-svc:8265"])
+        "launch.k8s.schedule_kind=CronJob", "launch.ray.address=http://lm-head-svc:8265",
+        "launch.k8s.storage_claim=lm-data"])
     config_map, cron = k8s.render(cfg, schedule="15 3 * * 1")
     kubernetes_validate.validate(cron, K8S_VERSION, strict=True)
     kubernetes_validate.validate(config_map, K8S_VERSION, strict=True)
@@ -129,13 +131,13 @@ def test_cronjob_submits_to_a_standing_ray_cluster_and_validates_as_batch_v1(tmp
 
 
 def test_cronjob_without_a_ray_address_is_a_config_error():
-    cfg = load_config(ROOT / "configs/demo.yaml", ["launch.k8s.schedule_kind=CronJob"])
+    cfg = load_config(ROOT / "configs/demo.yaml", ["launch.k8s.schedule_kind=CronJob", "launch.k8s.storage_claim=lm"])
     with pytest.raises(ConfigError, match="launch.ray.address"):
         k8s.render(cfg, schedule="0 * * * *")
 
 
 def test_the_schema_rejects_a_misspelt_field():
-    cfg = load_config(ROOT / "configs/demo.yaml", [])
+    cfg = load_config(ROOT / "configs/demo.yaml", ["launch.k8s.storage_claim=lm"])
     _, job = k8s.render(cfg)
     job["spec"]["shutdownAfterJobFinish"] = True
     with pytest.raises(jsonschema.ValidationError):
@@ -155,12 +157,13 @@ def test_ray_job_ships_the_code_and_runs_three_stages(tmp_path):
     spec = ray_jobs.job_spec(cfg, "all", "submitted/config.yaml", working_dir="/tmp/stage")
     assert spec["runtime_env"]["working_dir"] == "/tmp/stage"
     parts = spec["entrypoint"].split(" && ")
-    assert parts == ["python -m pipeline.cli prepare submitted/config.yaml --append",
-                     "python -m pipeline.launch.ray_train submitted/config.yaml",
-                     f"python -m pipeline.cli eval {tmp_path}/runs/r1"]
+    py = sys.executable  # the interpreter running `pretrain submit`, as launch.python is unset
+    assert parts == [f"{py} -m pipeline.cli prepare submitted/config.yaml --append",
+                     f"{py} -m pipeline.launch.ray_train submitted/config.yaml",
+                     f"{py} -m pipeline.cli eval {tmp_path}/runs/r1"]
     shared = ray_jobs.job_spec(cfg, "eval", "/x/c.yaml", working_dir=None)
     assert "working_dir" not in shared["runtime_env"]
-    assert shared["entrypoint"] == f"cd {cluster.PROJECT_ROOT} && python -m pipeline.cli eval {tmp_path}/runs/r1"
+    assert shared["entrypoint"] == f"cd {Path.cwd().resolve()} && {py} -m pipeline.cli eval {tmp_path}/runs/r1"
 
 
 def test_staged_project_has_code_and_config_but_no_venv_or_runs(tmp_path):
@@ -180,9 +183,11 @@ def test_relative_paths_become_absolute_against_the_submitting_directory(tmp_pat
 
 
 def test_crontab_line_for_ray_resubmits_from_the_checkout():
-    line = ray_jobs.crontab_line("0 * * * *", "configs/demo.yaml", ["train.max_steps=9"], "http://h:8265")
-    assert line.startswith(f"0 * * * * cd {cluster.PROJECT_ROOT} && python -m pipeline.cli submit ")
-    assert "--to ray --address http://h:8265 --set train.max_steps=9" in line
+    line = ray_jobs.crontab_line("0 * * * *", "configs/demo.yaml", ["train.max_steps=9"], "http://h:8265",
+                                 python="/v/bin/python", env=Path("/r/submitted/ray.env"), log=Path("/r/schedule.log"))
+    assert line.startswith(f"0 * * * * . /r/submitted/ray.env && cd {Path.cwd().resolve()} && "
+                           f"/v/bin/python -m pipeline.cli submit ")
+    assert "--to ray --address http://h:8265 --set train.max_steps=9 --wait >> /r/schedule.log 2>&1" in line
 
 
 @pytest.mark.parametrize("bad", ["* * * *", "every day", "0 0 * * * *", "0 0 * * ;rm"])
