@@ -216,7 +216,7 @@ def run_own_torchrun(cfg: PipelineConfig) -> int:
 
     def work(held) -> int:
         _load("torch")
-        os.environ[lock.HELD_ENV] = held.token  # our ranks must not take it again
+        os.environ[lock.HELD_ENV] = held.token if held is not None else "off"  # our ranks must not take it
         try:
             return local.run_torchrun(cfg)
         finally:

@@ -104,3 +104,52 @@ def test_an_altered_shard_on_the_store_is_refused_naming_it(trained_run, s3, tmp
     assert proc.returncode == 1, proc.stderr[-2000:]
     line = proc.stderr.strip().splitlines()[-1]
     assert f"s3://{s3.bucket}/{shard}: sha256" in line and "does not match" in line, line
+
+
+def test_a_flaky_store_is_retried_and_the_checkpoints_still_commit_correctly(trained_run, s3, tmp_path, monkeypatch):
+    """A proxy in front of the emulator answers 8% of requests with 503 SlowDown or drops the
+    connection; the run commits, every committed object matches its COMMIT, and the retries are told."""
+    from helpers.s3 import FaultProxy
+
+    data = upload_dataset(s3, trained_run["data_dir"], "datasets/flaky")
+    with FaultProxy(s3.endpoint, fail_share=0.08, seed=7, grace=3) as proxy:
+        env = {"AWS_ENDPOINT_URL": proxy.endpoint, "AWS_ENDPOINT_URL_S3": proxy.endpoint}
+        proc = pretrain("train", "configs/demo.yaml",
+                        *run_sets(trained_run, f"s3://{s3.bucket}/runs/flaky", data, 3), env=env)
+    out = proc.stdout + proc.stderr
+    assert proxy.failed_503 + proxy.dropped > 0
+    assert "object-store requests retried" in out, out[-2000:]
+    stored = objects(s3, "runs/flaky/checkpoints/step_00000003/")
+    commit = json.loads(stored.pop("runs/flaky/checkpoints/step_00000003/COMMIT"))
+    assert {k.rsplit("/", 1)[-1] for k in stored} == set(commit["files"])
+    for key, body in stored.items():
+        assert hashlib.sha256(body).hexdigest() == commit["files"][key.rsplit("/", 1)[-1]]
+
+
+def test_the_run_lock_on_the_store_keeps_a_second_trainer_out(trained_run, s3, tmp_path):
+    """The lease is an object created with If-None-Match: a live one stops a second trainer with exit 3."""
+    import socket
+    import time
+
+    run = f"s3://{s3.bucket}/runs/locked"
+    lease = {"host": "elsewhere-" + socket.gethostname(), "pid": 1, "pid_start": "", "started_at": time.time(),
+             "expires_at": time.time() + 600, "token": "other", "command": "pretrain train"}
+    s3.client().put_object(Bucket=s3.bucket, Key="runs/locked/run.lock", Body=json.dumps(lease).encode())
+    proc = pretrain("train", "configs/demo.yaml", *run_sets(trained_run, run, str(trained_run["data_dir"]), 3),
+                    check=False)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert f"{run} is being trained by pid 1 on elsewhere-" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_a_store_without_conditional_writes_is_refused_unless_the_lock_is_off(trained_run, s3, tmp_path):
+    from helpers.s3 import FaultProxy
+
+    with FaultProxy(s3.endpoint, strip_conditional=True) as proxy:
+        env = {"AWS_ENDPOINT_URL": proxy.endpoint, "AWS_ENDPOINT_URL_S3": proxy.endpoint}
+        sets = run_sets(trained_run, f"s3://{s3.bucket}/runs/nolock", str(trained_run["data_dir"]), 3)
+        proc = pretrain("train", "configs/demo.yaml", *sets, env=env, check=False)
+        line = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 2 and "ignores conditional writes (If-None-Match)" in line, proc.stderr[-2000:]
+        assert "launch.lock=false" in line
+        pretrain("train", "configs/demo.yaml", *sets, "--set", "launch.lock=false", env=env)
+    assert "runs/nolock/checkpoints/step_00000003/COMMIT" in s3.keys(s3.bucket, "runs/nolock/")
