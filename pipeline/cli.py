@@ -140,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--schedule CRON makes it recurring (RayCronJob or CronJob on k8s, scrontab on Slurm, a crontab\n"
         "line for Ray); each firing resumes from the newest checkpoint and does nothing once\n"
         "train.max_steps is reached. Relative paths in the config are made absolute: run_dir and\n"
-        "data.output_dir must be on storage that the cluster's nodes share.")
+        "data.output_dir must be on storage that the cluster's nodes share, or on an object store\n"
+        "(s3://bucket/prefix: then no node needs a shared filesystem; see docs/cluster.md).")
     _add_config_args(p)
     p.add_argument("--to", required=True, choices=["ray", "slurm", "k8s"], help="where to run")
     p.add_argument("--nodes", type=int, default=None, metavar="N", help="nodes (default: launch.nodes)")

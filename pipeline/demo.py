@@ -66,10 +66,11 @@ def _summary(cfg: PipelineConfig, result: EvalRecord, report: Path) -> str:
         f"demo finished: validation loss {first:.3f} at step 0 → {result.loss:.3f} at step "
         f"{result.step} (perplexity {result.perplexity:.1f})",
         f"  shards:       {shards} ({DatasetDir.MANIFEST})",
-        f"  checkpoints:  {run.checkpoints} (newest: {result.checkpoint})",
-        f"  eval results: {Path(result.checkpoint) / RunDir.EVAL_JSON}",
-        f"  metrics:      {run.metrics}",
+        f"  checkpoints:  {run.where(RunDir.CHECKPOINTS)} (newest: {Path(result.checkpoint).name})",
+        f"  eval results: {run.where(f'{RunDir.CHECKPOINTS}/{Path(result.checkpoint).name}/{RunDir.EVAL_JSON}')}",
+        f"  metrics:      {run.where(RunDir.METRICS)}",
         f"  W&B runs:     {', '.join(wandb_dirs) or 'disabled'}",
         f"                (offline unless WANDB_API_KEY is set; upload with `wandb sync DIR`)",
-        f"  report:       {report} (and {report.with_suffix('.png').name}; open it in a browser, offline)",
+        f"  report:       {run.where(report.name)} (and {report.with_suffix('.png').name}; open it in a browser, "
+        f"offline)" + (f"\n  this node's copy of the run: {run.root}" if run.remote else ""),
     ])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from pipeline.config import ConfigError
 from pipeline.data.manifest import manifest_sha256, read_manifest, verify_manifest
+from pipeline.rundir import DatasetDir
 from pipeline.train import compat
 from pipeline.train.checkpoint import CheckpointError
 from pipeline.train.resume_point import resume_point
@@ -40,12 +41,13 @@ def verify_inputs(cfg) -> None:
     what was recorded (manifest.json, COMMIT), or that checkpoint cannot continue this run
     (`compat.resume_problems`, `compat.schedule_problem`). Reads files; starts nothing."""
     check_config_against_data(cfg)
-    manifest = verify_manifest(cfg.data.output_dir)
+    data_dir = DatasetDir(cfg.data.output_dir).root  # on an object store: this node's staged copy
+    manifest = verify_manifest(data_dir)
     found = resume_point(cfg, verify=True)
     if found is None:
         return
     latest, saved = found
-    problems = compat.resume_problems(cfg, saved, manifest, manifest_sha256(cfg.data.output_dir))
+    problems = compat.resume_problems(cfg, saved, manifest, manifest_sha256(data_dir))
     if problems:
         raise CheckpointError(compat.describe(latest.path, problems))
     refusal = compat.schedule_problem(cfg, saved)

@@ -260,7 +260,7 @@ class Tracker:
         self.run_dir = self._wandb.dir
         if job_type == TRAIN_JOB:
             self._checkpoints = set()
-            _try("the dataset", lambda: _use(self._wandb, dataset_artifact(cfg.data.output_dir)))
+            _try("the dataset", lambda: _use(self._wandb, dataset_artifact(DatasetDir(cfg.data.output_dir).root)))
 
     def _rows_so_far(self) -> int:
         store, key = self._log_store, self.metrics_path.name

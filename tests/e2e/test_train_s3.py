@@ -153,3 +153,20 @@ def test_a_store_without_conditional_writes_is_refused_unless_the_lock_is_off(tr
         assert "launch.lock=false" in line
         pretrain("train", "configs/demo.yaml", *sets, "--set", "launch.lock=false", env=env)
     assert "runs/nolock/checkpoints/step_00000003/COMMIT" in s3.keys(s3.bucket, "runs/nolock/")
+
+
+def test_the_demo_runs_its_whole_flow_on_s3(s3, tmp_path):
+    """`pretrain demo --run-dir s3://…`: corpus, prepared dataset (manifest last), checkpoints with
+    COMMIT, metrics, eval record, report and W&B offline folders all reach the bucket."""
+    run = f"s3://{s3.bucket}/demo"
+    out = pretrain("demo", "--run-dir", run, "--set", "train.max_steps=20", "--set", "checkpoint.save_interval_steps=10",
+                   "--set", "train.log_interval_steps=10", "--set", "eval.max_samples=32", timeout=900)
+    assert "demo finished" in out.stdout, out.stdout[-3000:]
+    assert f"metrics:      {run}/metrics.jsonl" in out.stdout
+    keys = set(s3.keys(s3.bucket, "demo/"))
+    for key in ("demo/data/manifest.json", "demo/checkpoints/step_00000020/COMMIT", "demo/checkpoints/latest",
+                "demo/checkpoints/step_00000020/eval.json", "demo/eval/step_00000020.json", "demo/metrics.jsonl",
+                "demo/report.html", "demo/config.yaml", "demo/last_run.json"):
+        assert key in keys, sorted(keys)
+    assert any(k.startswith("demo/data/train/") and k.endswith(".bin") for k in keys)
+    assert any(k.startswith("demo/wandb/") and k.endswith(".wandb") for k in keys)
