@@ -16,6 +16,7 @@ config from elsewhere cannot make the loader read, and echo in its errors, any f
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 import typing
 from pathlib import Path
@@ -903,6 +904,21 @@ def build_config(raw: dict, origin: str = "", resolve_init_from: bool = False) -
         raise ConfigError(_format_error(exc, origin)) from None
 
 
+def _fetched(path: str | os.PathLike) -> Path:
+    """A config given as an object-store URI (a job's submitted config on a cluster that shares no
+    filesystem) is read from there into this node's cache; a path is itself."""
+    from pipeline.objstore import cache_root, is_uri
+    from pipeline.storage import open_storage
+
+    if not is_uri(path):
+        return Path(path)
+    head, _, name = str(path).rstrip("/").rpartition("/")
+    local = cache_root() / "configs" / hashlib.sha256(str(path).encode()).hexdigest()[:16] / name
+    local.parent.mkdir(parents=True, exist_ok=True)
+    open_storage(local.parent).write_atomic(name, open_storage(head).read_bytes(name))
+    return local
+
+
 def _export_cache_dir(cfg: PipelineConfig) -> PipelineConfig:
     """``storage.cache_dir`` reaches every process of the run (ranks, workers) through the environment."""
     if cfg.storage.cache_dir:
@@ -914,7 +930,7 @@ def _export_cache_dir(cfg: PipelineConfig) -> PipelineConfig:
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
     """Read a YAML config (None: all defaults), apply overrides, validate once."""
-    raw: dict[str, Any] = _read_yaml(Path(path)) if path is not None else {}
+    raw: dict[str, Any] = _read_yaml(_fetched(path)) if path is not None else {}
     for assignment in overrides:
         apply_override(raw, assignment)
     return _export_cache_dir(build_config(raw, origin=f"({path})" if path else "(defaults)", resolve_init_from=True))

@@ -26,8 +26,8 @@ class SubmitError(UserError, RuntimeError):
 
 
 def _absolute(path: str | None, base: Path) -> str | None:
-    if path is None:
-        return None
+    if path is None or "://" in path:  # an object-store URI is the same from every node
+        return path
     p = Path(path).expanduser()
     return str(p if p.is_absolute() else (base / p).resolve())
 

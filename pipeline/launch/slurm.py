@@ -65,7 +65,8 @@ def render_sbatch(cfg: PipelineConfig, config_path: str, stage: str = "all") -> 
         "nodes": str(launch.nodes),
         "cpus_per_task": str(s.cpus_per_task),
         "time_limit": s.time_limit,
-        "log_dir": str(RunDir(cfg.run_dir).slurm_logs),
+        # a run on an object store has no folder the nodes share: the log stays on the job's first node
+        "log_dir": "/tmp" if RunDir(cfg.run_dir).remote else str(RunDir(cfg.run_dir).slurm_logs),
         "signal_lead_s": str(s.signal_lead_s),
         "extra_sbatch": "\n".join(extra),
         "ranks_per_node": str(ranks),
@@ -131,7 +132,11 @@ def submit(cfg: PipelineConfig, *, stage: str = "all", dry_run: bool = False, wa
     tag = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"  # two submits in one second keep their files
     config_name, script_name = f"slurm-{tag}.yaml", f"slurm-{tag}.sbatch"
     script_path = run.submitted / script_name
-    script = render_sbatch(cfg, str(run.submitted / config_name), stage)
+    config_ref = str(run.submitted / config_name)
+    if run.remote:  # no shared filesystem: every node reads the job's config from the store
+        run.remote_storage.write_atomic(f"submitted/{config_name}", to_yaml(cfg))
+        config_ref = run.where(f"submitted/{config_name}")
+    script = render_sbatch(cfg, config_ref, stage)
     # on --dry-run too: every file the script names exists, so it can be sbatch'ed by hand
     open_storage(run.slurm_logs).makedirs()  # sbatch writes the job's log there from its first line
     submitted = open_storage(run.submitted)
@@ -162,7 +167,8 @@ def _sbatch(cfg: PipelineConfig, script_path: Path, wait: bool, out) -> int:
     if done.returncode != 0 or not job_id:
         raise SubmitError(f"sbatch refused {script_path}: {done.stderr.strip()}")
     out(f"submitted Slurm job {job_id}: {script_path}")
-    out(f"  follow its log: tail -f {RunDir(cfg.run_dir).slurm_logs}/{job_name(cfg)}-{job_id}.out")
+    logs = "/tmp (on the job's first node)" if RunDir(cfg.run_dir).remote else RunDir(cfg.run_dir).slurm_logs
+    out(f"  follow its log: tail -f {logs}/{job_name(cfg)}-{job_id}.out")
     out(f"  status / stop:  squeue -j {job_id} / scancel {job_id}")
     if not wait:
         return 0
