@@ -37,6 +37,7 @@ import pipeline
 from pipeline.config import ModelConfig, PipelineConfig
 from pipeline.data.loader import open_split
 from pipeline.data.manifest import Manifest, manifest_sha256, verify_manifest
+from pipeline.data.staging import stage_dataset
 from pipeline.errors import ConfigError
 from pipeline.eval import EvalError
 from pipeline.eval.records import (EvalRecord, checkpoint_config, eval_lock, load_records, run_config,
@@ -188,6 +189,7 @@ def _verified_inputs(path: Path) -> tuple[ckpt.Committed, TrainerState, Pipeline
     if not state.model:
         raise EvalError(f"{path}: its trainer_state.json records no `model` (written by a version before "
                         f"models were recorded); it cannot be evaluated")
+    stage_dataset(DatasetDir(cfg.data.output_dir))  # a dataset on an object store: this node's copy first
     data_dir = DatasetDir(cfg.data.output_dir).root
     manifest = verify_manifest(data_dir)
     problem = dataset_problem(state, manifest, manifest_sha256(data_dir))

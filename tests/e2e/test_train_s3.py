@@ -77,8 +77,13 @@ def test_a_run_on_s3_commits_there_and_resumes_from_another_machine(trained_run,
              if '"train/loss"' in line]
     assert steps and max(steps) == 6 and min(steps) <= 2  # the log went on from the first machine's
 
-    # status and report from a third machine
-    status = pretrain("status", run, "--json", env={"PRETRAIN_CACHE_DIR": str(tmp_path / "machine-c")})
+    # eval --watch, status and report from a third machine
+    third = {"PRETRAIN_CACHE_DIR": str(tmp_path / "machine-c")}
+    pretrain("eval", run, "--watch", "--max-evals", "2", "--interval-s", "1", env=third)
+    keys = set(s3.keys(s3.bucket, "runs/tiny/"))
+    assert {"runs/tiny/checkpoints/step_00000006/eval.json", "runs/tiny/eval/step_00000006.json",
+            "runs/tiny/eval_metrics.jsonl"} <= keys, sorted(keys)
+    status = pretrain("status", run, "--json", env=third)
     assert json.loads(status.stdout)["step"] == 6
     pretrain("report", run, env={"PRETRAIN_CACHE_DIR": str(tmp_path / "machine-c")})
     assert "runs/tiny/report.html" in s3.keys(s3.bucket, "runs/tiny/")
