@@ -9,10 +9,11 @@ from pathlib import Path
 
 from pipeline import __version__
 from pipeline.config import load_config
+from pipeline.config import PRESETS_DIR
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.errors import EXIT_USER_ERROR  # noqa: F401  (scripts compare exit codes with cli.EXIT_USER_ERROR)
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = PRESETS_DIR  # the bundled configs: the checkout's configs/, or the wheel's pipeline/configs
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
