@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 from pipeline import __version__
@@ -217,11 +218,18 @@ def cmd_prepare(args) -> int:
 
 def cmd_train(args) -> int:
     from pipeline.launch.route import run_train
+    from pipeline.train.console import STARTED_ENV
 
+    ours = STARTED_ENV not in os.environ
+    os.environ.setdefault(STARTED_ENV, repr(time.time()))  # the ranks time their start-up from here
     overrides = list(args.overrides)
     if args.nproc_per_node is not None:
         overrides.append(f"train.nproc_per_node={args.nproc_per_node}")
-    return run_train(load_config(args.config, overrides), backend=args.backend, num_workers=args.num_workers)
+    try:
+        return run_train(load_config(args.config, overrides), backend=args.backend, num_workers=args.num_workers)
+    finally:
+        if ours:
+            os.environ.pop(STARTED_ENV, None)
 
 
 def cmd_eval(args) -> int:
