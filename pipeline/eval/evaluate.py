@@ -81,13 +81,15 @@ def check_options(options: EvalOptions) -> None:
 def locate(path: str | Path, step: int | None = None) -> tuple[Path, int | None]:
     """(run directory, step) of ``pretrain eval PATH``: PATH is a run directory, or one of its
     checkpoint directories (RUN/checkpoints/step_N, which names the step)."""
+    from pipeline.eval.where import run_dir_of
+
     path = Path(path)
     run = RunDir.of_checkpoint(path)
     if run is None:
         if open_storage(path).exists(ckpt.COMMIT):
             raise EvalError(f"{path}: a checkpoint outside a run directory (expected RUN/{RunDir.CHECKPOINTS}/"
                             f"step_N); eval writes its records into the run, so give it the run directory")
-        return path, step
+        return run_dir_of(path, "eval"), step  # or one line: what the path is instead, and what to give
     own = step_of(path.name)
     if step is not None and step != own:
         raise EvalError(f"{path} is the checkpoint of step {own}, but --checkpoint says {step}; give one of them")

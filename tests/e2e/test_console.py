@@ -47,3 +47,17 @@ def test_no_line_of_ours_is_printed_twice(trained_run):
     ours = [line for line in trained_run["train_out"].splitlines()
             if line.startswith(("train:", "step ", "start-up:", "train finished"))]
     assert len(ours) == len(set(ours)), ours
+
+
+def test_status_and_report_take_a_checkpoint_dir_for_its_run(trained_run):
+    import json
+
+    from conftest import pretrain
+
+    run = trained_run["run_dir"]
+    ckpt_dir = run / "checkpoints" / "step_00000006"
+    by_run = json.loads(pretrain("status", str(run), "--json").stdout)
+    by_ckpt = json.loads(pretrain("status", str(ckpt_dir), "--json").stdout)
+    assert by_ckpt == by_run and by_run["step"] == 6
+    pretrain("report", str(ckpt_dir))
+    assert (run / "report.html").exists() and not (ckpt_dir / "report.html").exists()
