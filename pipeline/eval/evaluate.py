@@ -314,7 +314,11 @@ class EvalSession:
 def _summary(result: EvalRecord, where) -> str:
     val = result.splits.get("validation")
     loss, ppl = (val.loss, val.perplexity) if val else (float("nan"), float("nan"))
-    extras = "".join(f", {name} acc {m['acc']:.3f}" for name, m in result.tasks.items() if "acc" in m)
+    extras = ""
+    if val:  # of the tokens scored: BERT's masked ones, GPT's next ones (docs/evaluation.md)
+        what = "masked-token" if result.arch == "bert" else "next-token"
+        extras += f", {what} accuracy top-1 {100 * val.acc_top1:.1f}% / top-5 {100 * val.acc_top5:.1f}%"
+    extras += "".join(f", {name} acc {m['acc']:.3f}" for name, m in result.tasks.items() if "acc" in m)
     for name, m in result.lm_eval.items():
         key = "acc" if "acc" in m else next((k for k in m if k != "examples" and "stderr" not in k), None)
         extras += f", lm-eval {name} {key} {m[key]:.3f}" if key else ""
