@@ -345,8 +345,8 @@ def evaluate(run_dir: str | Path, step: int | None = None, options: EvalOptions 
              log=print) -> EvalRecord:
     """Evaluate one checkpoint (``step``, default the newest committed), even if it was before.
     ``run_dir`` may also be a checkpoint directory of the run (it names the step)."""
-    run_dir, step = locate(run_dir, step)
     check_options(options)
+    run_dir, step = locate(run_dir, step)
     checkpoint = find_checkpoint(run_dir, step)
     session = EvalSession(run_dir, log)
     with eval_lock(run_dir, *lease_settings(run_dir)), scorer(options, use_ray, ray_address, ray_gpus) as score:

@@ -53,7 +53,7 @@ def run_dir_of(path: str | Path, command: str) -> Path:
     """The run directory ``path`` stands for (itself, or the run of a checkpoint directory)."""
     what = describe(path)
     if what is not None:
-        raise EvalError(f"{path} {what}; `pretrain {command}` takes a run directory (RUN, with {RunDir.CONFIG} "
+        raise EvalError(f"{path}: not a run directory: it {what}; `pretrain {command}` takes a run directory (RUN, with {RunDir.CONFIG} "
                         f"or {RunDir.CHECKPOINTS}/) or one of its checkpoints (RUN/{RunDir.CHECKPOINTS}/step_N)")
     run = RunDir.of_checkpoint(Path(path))
     return run.root if run is not None else Path(path)

@@ -42,7 +42,7 @@ def test_each_kind_of_path_is_named(paths):
     assert describe(tmp / "notes.txt") == "is a file, not a directory"
     assert "no config.yaml, no checkpoints/ and no manifest.json" in describe(tmp / "empty")
     assert run_dir_of(run / "checkpoints" / "step_00000004", "status") == run
-    with pytest.raises(EvalError, match=r"my-gpt.yaml is a config file .*`pretrain report` takes a run directory"):
+    with pytest.raises(EvalError, match=r"my-gpt.yaml: not a run directory: it is a config file .*`pretrain report` takes a run directory"):
         run_dir_of(tmp / "my-gpt.yaml", "report")
 
 
