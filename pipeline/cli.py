@@ -5,14 +5,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 from pipeline import __version__
 from pipeline.config import load_config
+from pipeline.config import PRESETS_DIR
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.errors import EXIT_USER_ERROR  # noqa: F401  (scripts compare exit codes with cli.EXIT_USER_ERROR)
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = PRESETS_DIR  # the bundled configs: the checkout's configs/, or the wheel's pipeline/configs
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -224,11 +226,18 @@ def cmd_prepare(args) -> int:
 
 def cmd_train(args) -> int:
     from pipeline.launch.route import run_train
+    from pipeline.train.console import STARTED_ENV
 
+    ours = STARTED_ENV not in os.environ
+    os.environ.setdefault(STARTED_ENV, repr(time.time()))  # the ranks time their start-up from here
     overrides = list(args.overrides)
     if args.nproc_per_node is not None:
         overrides.append(f"train.nproc_per_node={args.nproc_per_node}")
-    return run_train(load_config(args.config, overrides), backend=args.backend, num_workers=args.num_workers)
+    try:
+        return run_train(load_config(args.config, overrides), backend=args.backend, num_workers=args.num_workers)
+    finally:
+        if ours:
+            os.environ.pop(STARTED_ENV, None)
 
 
 def cmd_eval(args) -> int:

@@ -28,7 +28,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pipeline.errors import ConfigError  # noqa: F401 - the config layer's error, defined with its exit code
 
 
-PRESETS_DIR = Path(__file__).resolve().parents[1] / "configs"
+# the checkout's configs/, or in an installed wheel the same files as pipeline/configs (pyproject.toml)
+_PACKAGED_PRESETS = Path(__file__).resolve().parent / "configs"
+PRESETS_DIR = _PACKAGED_PRESETS if _PACKAGED_PRESETS.is_dir() else Path(__file__).resolve().parents[1] / "configs"
 
 
 def _accepts_bool(annotation) -> bool:

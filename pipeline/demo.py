@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,6 +21,7 @@ def run_demo(run_dir: str, overrides: list[str], config_path: Path) -> int:
     from pipeline.eval.evaluate import evaluate
     from pipeline.eval.report import write_report
     from pipeline.launch import local
+    from pipeline.train.console import STARTED_ENV
 
     from pipeline.data.staging import push_dataset
     from pipeline.launch.preamble import push_outputs, stage_inputs
@@ -40,7 +43,11 @@ def run_demo(run_dir: str, overrides: list[str], config_path: Path) -> int:
     stage_inputs(cfg)
     if "ray" in sys.modules:  # prepare ran on Ray (the local executor does not import it)
         sys.modules["ray"].shutdown()  # free the cores for training
-    code = local.run_torchrun(cfg) if cfg.train.nproc_per_node > 1 else (local.run_single_process(cfg) and 0)
+    os.environ[STARTED_ENV] = repr(time.time())  # train's start-up line times from here
+    try:
+        code = local.run_torchrun(cfg) if cfg.train.nproc_per_node > 1 else (local.run_single_process(cfg) and 0)
+    finally:
+        os.environ.pop(STARTED_ENV, None)
     if code:
         print(f"demo: training failed with exit code {code}")
         return code

@@ -183,7 +183,9 @@ def append(cfg: DataConfig, ray_address: str | None = None, log=print) -> Manife
     g = grown.appends[-1]
     log(f"append: done: +{g.kept:,} documents, +{g.tokens.get('train', 0):,} train / "
         f"+{g.tokens.get('validation', 0):,} validation tokens; dataset now {grown.splits['train'].tokens:,} "
-        f"train tokens (generation {len(grown.lineage)}; runs on it continue where they stopped)")
+        f"train tokens (generation {len(grown.lineage)}; runs on it continue where they stopped); "
+        f"this append's quarantine: {g.quarantined:,} in {data.path(g.quarantine_file)}, duplicates: "
+        f"{g.deduplicated:,} in {data.path(g.duplicates_file)}")
     return grown
 
 

@@ -83,13 +83,15 @@ def check_options(options: EvalOptions) -> None:
 def locate(path: str | Path, step: int | None = None) -> tuple[Path, int | None]:
     """(run directory, step) of ``pretrain eval PATH``: PATH is a run directory, or one of its
     checkpoint directories (RUN/checkpoints/step_N, which names the step)."""
+    from pipeline.eval.where import run_dir_of
+
     path = Path(path)
     run = RunDir.of_checkpoint(path)
     if run is None:
         if open_storage(path).exists(ckpt.COMMIT):
             raise EvalError(f"{path}: a checkpoint outside a run directory (expected RUN/{RunDir.CHECKPOINTS}/"
                             f"step_N); eval writes its records into the run, so give it the run directory")
-        return path, step
+        return run_dir_of(path, "eval"), step  # or one line: what the path is instead, and what to give
     own = step_of(path.name)
     if step is not None and step != own:
         raise EvalError(f"{path} is the checkpoint of step {own}, but --checkpoint says {step}; give one of them")
@@ -316,7 +318,11 @@ class EvalSession:
 def _summary(result: EvalRecord, where) -> str:
     val = result.splits.get("validation")
     loss, ppl = (val.loss, val.perplexity) if val else (float("nan"), float("nan"))
-    extras = "".join(f", {name} acc {m['acc']:.3f}" for name, m in result.tasks.items() if "acc" in m)
+    extras = ""
+    if val:  # of the tokens scored: BERT's masked ones, GPT's next ones (docs/evaluation.md)
+        what = "masked-token" if result.arch == "bert" else "next-token"
+        extras += f", {what} accuracy top-1 {100 * val.acc_top1:.1f}% / top-5 {100 * val.acc_top5:.1f}%"
+    extras += "".join(f", {name} acc {m['acc']:.3f}" for name, m in result.tasks.items() if "acc" in m)
     for name, m in result.lm_eval.items():
         key = "acc" if "acc" in m else next((k for k in m if k != "examples" and "stderr" not in k), None)
         extras += f", lm-eval {name} {key} {m[key]:.3f}" if key else ""
@@ -343,8 +349,8 @@ def evaluate(run_dir: str | Path, step: int | None = None, options: EvalOptions 
              log=print) -> EvalRecord:
     """Evaluate one checkpoint (``step``, default the newest committed), even if it was before.
     ``run_dir`` may also be a checkpoint directory of the run (it names the step)."""
-    run_dir, step = locate(run_dir, step)
     check_options(options)
+    run_dir, step = locate(run_dir, step)
     checkpoint = find_checkpoint(run_dir, step)
     session = EvalSession(run_dir, log)
     with eval_lock(run_dir, *lease_settings(run_dir)), scorer(options, use_ray, ray_address, ray_gpus) as score:

@@ -333,8 +333,11 @@ def render_html(run_dir: Path, png_name: str) -> str:
 
 
 def write_report(run_dir: str | Path, out: str | Path | None = None, log=print) -> Path:
-    """Write the HTML report (default RUN_DIR/report.html) and the PNG beside it; returns the HTML path."""
-    run_dir = Path(run_dir)
+    """Write the HTML report (default RUN_DIR/report.html) and the PNG beside it; returns the HTML path.
+    ``run_dir`` may also be one of the run's checkpoint directories."""
+    from pipeline.eval.where import run_dir_of
+
+    run_dir = run_dir_of(run_dir, "report")
     html_path = Path(out) if out else RunDir(run_dir).report_html
     png_path = html_path.with_suffix(".png")
     page = render_html(run_dir, png_path.name)

@@ -97,8 +97,11 @@ def _progress(newest: ckpt.Committed | None, metrics: list[dict]) -> tuple[int, 
 
 
 def run_status(run_dir: str | Path, now: float | None = None) -> dict:
-    """Where the run stands, as JSON: phase, progress in tokens, speed and ETA, checkpoints, evals."""
-    run = RunDir(run_dir)
+    """Where the run stands, as JSON: phase, progress in tokens, speed and ETA, checkpoints, evals.
+    ``run_dir`` may also be one of the run's checkpoint directories."""
+    from pipeline.eval.where import run_dir_of
+
+    run = RunDir(run_dir_of(run_dir, "status"))
     now = time.time() if now is None else now
     cfg = run_config(run.root)
     if cfg is None:

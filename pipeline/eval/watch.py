@@ -14,6 +14,13 @@ SIGTERM/SIGINT: the first signal lets the checkpoint in progress finish (its rec
 and the job exits 0, a second one aborts at once (no record is written for it, so it stays
 pending): one line, exit 130 (SIGINT) or 143 (SIGTERM). A single `pretrain eval` (`evaluate_once`)
 stops at the first signal the same way.
+
+"In progress" starts when the job holds the eval lease: a first signal that lands while the job is
+still starting (taking the lease, starting its heartbeat) lets the oldest pending checkpoint be
+scored, exactly as one a moment later would. Otherwise the job would end within milliseconds and a
+second signal sent right behind the first would meet the interpreter shutting down, where Python has
+already put back the default action: the process died of SIGINT (-2) with no line at all. For the
+same reason, once a signal has stopped the job, further signals are ignored until it has exited.
 """
 
 from __future__ import annotations
@@ -174,9 +181,11 @@ def watch_loop(run_dir: str | Path, evaluate_one: Callable[[ckpt.Committed], Eva
     done: list[EvalRecord] = []
     skipped: set[int] = set()  # deleted or broken: reported once, retried only by the next eval job
     missed = Missed(run_dir, log)
-    while not stop.is_set():
-        for checkpoint in pending(run_dir):
-            if stop.is_set() or (max_evals is not None and len(done) >= max_evals):
+    first_poll = True  # its oldest pending checkpoint is in progress even if a signal came in start-up
+    while first_poll or not stop.is_set():
+        for i, checkpoint in enumerate(pending(run_dir)):
+            in_progress = first_poll and i == 0
+            if (stop.is_set() and not in_progress) or (max_evals is not None and len(done) >= max_evals):
                 break
             if checkpoint.step in skipped:
                 continue
@@ -185,6 +194,7 @@ def watch_loop(run_dir: str | Path, evaluate_one: Callable[[ckpt.Committed], Eva
                 skipped.add(checkpoint.step)
             else:
                 done.append(result)
+        first_poll = False
         missed.poll()
         if max_evals is not None and len(done) >= max_evals:
             log(f"eval --watch: {len(done)} checkpoint(s) evaluated (--max-evals); "
@@ -227,3 +237,14 @@ def watch(run_dir: str | Path, options: EvalOptions = EvalOptions(), interval_s:
         drop_own_lease(RunDir(run_dir).eval_lease)
         raise _aborted(exc, "eval --watch aborted at once; the checkpoint in progress was not recorded and "
                             "stays pending for the next eval job") from None
+    finally:
+        if stop.is_set():
+            _ignore_signals_until_exit()
+
+
+def _ignore_signals_until_exit() -> None:
+    """After a signal stopped the job, nothing is left to stop: a later signal would otherwise raise in
+    the CLI's last lines (a traceback) or meet the interpreter's shutdown, which restores the default
+    action and dies of the signal (-2) instead of ending with the job's line and exit code."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)

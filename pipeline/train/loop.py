@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from pipeline.models.flops import param_count, train_flops_per_token
 from pipeline.rundir import DatasetDir, RunDir
 from pipeline.tracking import NullTracker, Tracker
 from pipeline.train import checkpoint as ckpt
+from pipeline.train import console
 from pipeline.train import guards, metrics, resume
 from pipeline.train import state as st
 from pipeline.train.engine import init_distributed, initialize, loss_scale, resolve_model_config
@@ -81,6 +82,7 @@ class Run:
     tracker: Tracker | NullTracker | None = None
     pending_skips: list[list[int]] = field(default_factory=list)  # rollbacks not yet in a checkpoint
     hold: object = None  # () -> int | None: retention's hold for a live eval job (launch/preamble.py)
+    phases: console.Phases = field(default_factory=console.Phases)  # start-up times, said once
 
 
 @dataclass
@@ -190,12 +192,16 @@ def _build(run: Run) -> tuple[object, st.TrainState, object, object]:
         if (plan.checkpoint.tag if plan.checkpoint else None) != verdict[1]:
             raise ckpt.CheckpointError(f"rank {rank} sees another newest checkpoint than rank 0 "
                                        f"({verdict[1]}): is {cfg.run_dir} on storage all nodes share?")
+    run.phases.mark("check checkpoints")
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = initial_model(resolve_model_config(cfg.model, run.manifest.tokenizer.vocab_size))
+    run.phases.mark("build model")
     engine = initialize(model, cfg, world, load_universal=plan.universal)
+    run.phases.mark("DeepSpeed init")
     state = st.TrainState(data_manifest_sha256=run.manifest_sha)
     if plan.checkpoint is not None:
         resume.load(engine, plan, cfg, state, rank, world)
+        run.phases.mark("resume")
     for span in run.pending_skips:
         if span not in state.skipped_batches:
             state.skipped_batches.append(span)
@@ -255,6 +261,7 @@ class _Attempt:
             run.tracker = (Tracker(cfg, run_dir.metrics, "train", run_id=self.state.wandb_run_id)
                            if run.rank == 0 else NullTracker())
         self.state.wandb_run_id = run.tracker.run_id
+        run.phases.mark("tracking")
         self.accum = cfg.gradient_accumulation_steps(run.world)
         self.end_step = min(t.max_steps, t.stop_at_step or t.max_steps)
         self.detector = guards.SpikeDetector(t.spike_window_steps, t.spike_zscore, list(self.state.spike_history))
@@ -284,6 +291,7 @@ class _Attempt:
             val = validation_loss(self.engine, run.val_data, self.cfg, run.rank, run.world)
             run.tracker.log({"val/loss": val, "val/perplexity": float(np.exp(val)), "world_size": run.world}, step=0)
             run.say(f"step 0: validation loss {val:.4f}")
+            run.phases.mark("step 0 validation")
 
     def train(self) -> Outcome:
         """Steps until the end (or stop_at_step), a preemption, or a rollback."""
@@ -295,6 +303,7 @@ class _Attempt:
                 _release(self.engine)
                 return Outcome(state, rollback=result.verdict.rollback)
             self.account(result)
+            run.phases.first_step_done(run.say)
             save = self.saves.due(state.step, result.verdict)
             if save is None:
                 continue
@@ -302,8 +311,9 @@ class _Attempt:
             if save.stop:
                 run.say(f"step {state.step}: {run.preemption.signal_name or 'a peer rank was signalled'}: "
                         f"saving and stopping (preemption)")
-            _validate_and_save(run, self.engine, state, validate=save.validate, schedule=self.schedule,
-                               stopped_by=stopped_by)
+            with run.phases.saving():
+                _validate_and_save(run, self.engine, state, validate=save.validate, schedule=self.schedule,
+                                   stopped_by=stopped_by)
             if save.stop:
                 run.preemption.disarm()
                 return Outcome(state, preempted=True)
@@ -401,9 +411,10 @@ def train(cfg: PipelineConfig, log=print, hold=None) -> dict:
     commit, how many unevaluated checkpoints retention keeps for a live eval job (None: none runs)."""
     import torch.distributed as dist
 
-    # DeepSpeed's ZeRO calls a deprecated torch collective each step; the warning is for DeepSpeed
-    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+    phases = console.Phases()
+    third_party = console.ThirdParty(cfg.run_dir, int(os.environ.get("RANK", "0"))).install()  # console.py
     init_distributed(cfg)
+    phases.mark("process group")
     rank, world = dist.get_rank(), dist.get_world_size()
     data_dir = DatasetDir(cfg.data.output_dir).root
     manifest = verify_manifest(data_dir)
@@ -415,7 +426,8 @@ def train(cfg: PipelineConfig, log=print, hold=None) -> dict:
                                                    document_masking=masking), weights, seed)
     run = Run(cfg, rank, world, log if rank == 0 else (lambda *a, **k: None), manifest, manifest_sha256(data_dir),
               split("train"), split("validation"), Preemption(cfg.checkpoint.preempt_grace_s),
-              guards.Faults.from_env(rank), hold=hold)
+              guards.Faults.from_env(rank), hold=hold, phases=phases)
+    phases.mark("verify data")
     run.preemption.install()
     mark_ready(rank)
     try:
@@ -429,10 +441,15 @@ def train(cfg: PipelineConfig, log=print, hold=None) -> dict:
             gc.collect()
     finally:
         run.preemption.uninstall()
+        third_party.uninstall()
         if run.tracker is not None:
             run.tracker.close()
     dist.barrier()
     s = outcome.state
+    if not outcome.preempted:
+        newest = ckpt.latest_committed(RunDir(cfg.run_dir).checkpoints, verify=False)
+        run.say(console.summary(cfg.run_dir, phases, s.step, s.consumed_samples * seq_len,
+                                str(newest.path) if newest else None))
     return {"step": s.step, "consumed_samples": s.consumed_samples, "wandb_run_id": s.wandb_run_id,
             "wandb_dir": run.tracker.run_dir if run.tracker else None, "preempted": outcome.preempted,
             "stopped_by": run.preemption.signal_name if outcome.preempted else None,
