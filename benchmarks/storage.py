@@ -156,8 +156,10 @@ def time_staging(scratch: Path, prefix: str, workers: int) -> float:
     return seconds
 
 
-def time_boto3(scratch: Path, prefix: str, keys: list[str], threads: bool) -> float:
+def time_boto3(scratch: Path, prefix: str, keys: list[str], threads: bool, verify: bool = False) -> float:
+    """A loop of boto3 ``download_file`` calls; ``verify``: then the sha256 of each file, as ours does."""
     from boto3.s3.transfer import TransferConfig
+    from pipeline.data.shards import sha256_file
 
     dest = scratch / "cache-boto3"
     shutil.rmtree(dest, ignore_errors=True)
@@ -168,6 +170,8 @@ def time_boto3(scratch: Path, prefix: str, keys: list[str], threads: bool) -> fl
         path = dest / key
         path.parent.mkdir(parents=True, exist_ok=True)
         c.download_file(BUCKET, f"{prefix}/{key}", str(path), Config=config)
+        if verify:
+            sha256_file(path)
     seconds = time.perf_counter() - t0
     shutil.rmtree(dest)
     return seconds
@@ -249,12 +253,14 @@ def main(argv=None) -> int:
         total, keys = write_dataset(scratch, args.dataset_mb, "datasets/synthetic")
         print(f"dataset: {len(keys)} objects, {total / 1e6:,.1f} MB on {endpoint}", flush=True)
         _warm_up()
-        runs = {"ours": [], "single": [], "threads": []}
+        runs = {"ours": [], "single": [], "threads": [], "verified": []}
         for _ in range(args.rounds):  # interleaved, so drift in the machine's load hits every method alike
             runs["ours"].append(time_staging(scratch, "datasets/synthetic", args.workers))
             runs["single"].append(time_boto3(scratch, "datasets/synthetic", keys, threads=False))
             runs["threads"].append(time_boto3(scratch, "datasets/synthetic", keys, threads=True))
+            runs["verified"].append(time_boto3(scratch, "datasets/synthetic", keys, threads=False, verify=True))
         for name, label in (("single", "boto3 download_file loop, single stream (use_threads=False)"),
+                            ("verified", "boto3 single-stream loop + sha256 of each file (what ours verifies)"),
                             ("threads", "boto3 download_file loop, default TransferConfig (threads)"),
                             ("ours", f"ours: stage_dataset ({args.workers} workers, ranged, sha256-verified)")):
             med = statistics.median(runs[name])

@@ -23,15 +23,14 @@ from pydantic import Field
 
 import pipeline
 from pipeline.config import DataConfig
-from pipeline.data import interrupt
+from pipeline.data import interrupt, remote_sources
 from pipeline.data.clean import FILTERS
-from pipeline.data import remote_sources
 from pipeline.data.dedup import Duplicate
 from pipeline.data.executors import Executor
 from pipeline.data.manifest import Manifest
 from pipeline.data.shards import sha256_file
-from pipeline.data.tokenizer import tokenizer_file
 from pipeline.data.sources import Corpus, SourceFile
+from pipeline.data.tokenizer import tokenizer_file
 from pipeline.errors import CorruptFile
 from pipeline.objstore import is_uri
 from pipeline.records import Record
