@@ -16,6 +16,9 @@ import math
 from pathlib import Path
 from typing import Any
 
+from pipeline.objstore import is_uri
+from pipeline.remote_inputs import read_object
+
 
 def _rope_theta(params: dict | None, legacy: float | None, default: float) -> float:
     params = params or {}
@@ -78,14 +81,24 @@ def _modernbert(hf: dict) -> dict[str, Any]:
 _READERS = {"gpt2": _gpt2, "bert": _bert, "llama": _llama, "modernbert": _modernbert}
 
 
+def _config_json(hf_dir: str | Path) -> tuple[str | Path, bytes | None]:
+    """``hf_dir``'s config.json (its name, its bytes or None): a local file, or for a URI the one
+    object, read without downloading the directory (its weights come when they are loaded)."""
+    if is_uri(hf_dir):
+        uri = f"{str(hf_dir).rstrip('/')}/config.json"
+        return uri, read_object(uri, "model.init_from")
+    path = Path(hf_dir) / "config.json"
+    return path, path.read_bytes() if path.is_file() else None
+
+
 def read_hf_fields(hf_dir: str | Path) -> dict[str, Any]:
     """``model.*`` field → value, from ``hf_dir/config.json``. ValueError names what is wrong."""
-    path = Path(hf_dir) / "config.json"
-    if not path.is_file():
+    path, raw = _config_json(hf_dir)
+    if raw is None:
         raise ValueError(f"model.init_from: no {path} (expected a transformers model directory, e.g. one "
                          f"written by `pretrain export`)")
     try:
-        hf = json.loads(path.read_text(encoding="utf-8"))
+        hf = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"model.init_from: {path} is not valid JSON ({exc})") from None
     reader = _READERS.get(hf.get("model_type") if isinstance(hf, dict) else None)

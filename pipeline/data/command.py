@@ -17,7 +17,8 @@ from typing import ContextManager
 
 from pipeline.config import ConfigError, DataConfig
 from pipeline.data.interrupt import interruptible
-from pipeline.data.manifest import Manifest
+from pipeline.data.manifest import MANIFEST, Manifest
+from pipeline.data.staging import pull_prepared, push_dataset
 from pipeline.errors import LockHeld
 from pipeline.rundir import DatasetDir
 
@@ -34,8 +35,9 @@ class DatasetLocked(LockHeld):
 
 
 def check_output_dir(cfg: DataConfig) -> None:
-    """data.output_dir must be a directory (or not exist yet), before the lock is taken in it."""
-    out = Path(cfg.output_dir)
+    """data.output_dir must be a directory (or not exist yet), before the lock is taken in it (for a
+    URI: its local mirror, where the stages write)."""
+    out = DatasetDir(cfg.output_dir).root
     if out.exists() and not out.is_dir():
         raise ConfigError(f"data.output_dir: {out} is an existing file, not a directory; point data.output_dir "
                           f"at a directory (it is created if missing)")
@@ -51,12 +53,30 @@ def run_prepare(cfg: DataConfig, hold: Callable[[], ContextManager], *, append: 
     what = "prepare --append" if append else "prepare"
     resumes = ("the dataset is as it was before this append; run it again" if append else
                f"the next `pretrain prepare` resumes from the stages already finished ({DatasetDir.STAGES}/)")
+    ds = DatasetDir(cfg.output_dir)
     with interruptible("pretrain prepare", what, resumes, until_exit=True), hold():
+        pull_prepared(ds)  # a dataset on an object store: what it holds already, into this node's mirror
         if append:
-            return append_files(cfg, ray_address=ray_address)
-        if not force:
-            refuse_rebuild(cfg)
-        return prepare(cfg, ray_address=ray_address, force=force)
+            manifest = append_files(cfg, ray_address=ray_address)
+        else:
+            if not force:
+                refuse_rebuild(cfg)
+            manifest = prepare(cfg, ray_address=ray_address, force=force)
+            _retract_stale_manifest(ds)
+        push_dataset(ds)  # every changed file, the manifest last: the commit point on the store
+        return manifest
+
+
+def _retract_stale_manifest(ds: DatasetDir) -> None:
+    """Before a rebuilt dataset goes up: the store's old manifest is deleted first, so while the new
+    shards overwrite the old ones no manifest on the store lists files that no longer match it (an
+    append keeps every old file, so its old manifest stays valid until the grown one replaces it)."""
+    if not ds.remote:
+        return
+    store, local = ds.remote_storage, ds.storage
+    mine = local.read_bytes(MANIFEST) if local.exists(MANIFEST) else None
+    if store.exists(MANIFEST) and store.read_bytes(MANIFEST) != mine:
+        store.delete(MANIFEST)
 
 
 def lease_lock(lock, read_holder: Callable[[], object | None]) -> Callable[[], ContextManager]:

@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import ConfigError, DataConfig, SourceConfig
+from pipeline.data import remote_sources
+from pipeline.objstore import is_uri
 
 FORMATS = ("jsonl", "parquet", "text", "hf")
 _JSONL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
@@ -113,6 +115,8 @@ def _hf_parts(path: Path) -> list[str | None] | None:
 def list_source_files(src: SourceConfig, source: int) -> list[SourceFile]:
     """Every file of a source in reading order; a ConfigError naming the field if there is none."""
     field = f"data.sources.{source}"
+    if is_uri(src.path):  # streamed from an object store (remote_sources.py)
+        return _remote_files(src, source, field)
     path = Path(src.path)
     if not path.exists():
         raise ConfigError(f"{field}.path: no such file or directory: {src.path}")
@@ -138,10 +142,26 @@ def list_source_files(src: SourceConfig, source: int) -> list[SourceFile]:
     return files
 
 
+def _remote_files(src: SourceConfig, source: int, field: str) -> list[SourceFile]:
+    """The objects of a source on an object store, as SourceFiles (their URIs for paths)."""
+    if src.format == "hf":
+        raise ConfigError(f"{field}.format: hf (a saved dataset) cannot be read from object storage; copy "
+                          f"{src.path} locally and point {field}.path at the copy")
+    uris = remote_sources.list_objects(src.path, f"{field}.path")
+    if len(uris) > MAX_FILES:
+        raise ConfigError(f"{field}.path: {len(uris)} files; at most {MAX_FILES} per source (split the source)")
+    return [SourceFile(source, i, u, src.format if src.format != "auto" else detect_format(u))
+            for i, u in enumerate(uris)]
+
+
 def input_bytes(files: list[SourceFile]) -> int:
     """Bytes on disk of every input file (each path once; a saved HF dataset: every file in it)."""
     total = 0
-    for path in sorted({Path(f.path) for f in files}):
+    for name in sorted({f.path for f in files}):
+        if is_uri(name):  # the size the store's listing gave
+            total += remote_sources.object_size(name)
+            continue
+        path = Path(name)
         if path.is_dir():
             total += sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
         else:
@@ -166,7 +186,8 @@ class Corpus:
 
     def items(self) -> list[dict]:
         """One row per file, as Ray's read tasks take them."""
-        return [{"source": f.source, "file": f.index, "path": str(Path(f.path).resolve()), "format": f.format,
+        return [{"source": f.source, "file": f.index, "format": f.format,
+                 "path": f.path if is_uri(f.path) else str(Path(f.path).resolve()),
                  "part": f.part or "", "text_field": self.cfg.sources[f.source].text_field,
                  "text_unit": self.cfg.sources[f.source].text_unit} for f in self.files]
 
@@ -271,9 +292,9 @@ class _Input:
     where a read failed: the byte of the file (compressed) the reader had reached."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.raw = open(self.path, "rb")
-        suffix = self.path.suffix.lower()
+        self.path = str(path) if is_uri(path) else Path(path)
+        self.raw = remote_sources.open_object(self.path) if is_uri(path) else open(self.path, "rb")
+        suffix = Path(str(path)).suffix.lower()
         if suffix == ".gz":
             self.stream = gzip.GzipFile(fileobj=self.raw, mode="rb")
         elif suffix == ".zst":
@@ -296,7 +317,7 @@ class _Input:
         (the records before the cut are sound), ``corrupt`` (a compressed file whose check failed:
         gzip and zstd check a member or frame only at its end, so the records read may be wrong
         already; prepare refuses the source, see `CORRUPT`), or a read error of a plain file."""
-        size = os.path.getsize(self.path)
+        size = remote_sources.object_size(self.path) if is_uri(self.path) else os.path.getsize(self.path)
         at = self.raw.tell() if not self.raw.closed else getattr(self, "stopped_at", size)
         if isinstance(exc, EOFError):  # the compressed stream stops before its end marker
             return f"unreadable_file: truncated: the file ends at byte {size:,} inside compressed data ({exc})"
@@ -383,7 +404,7 @@ def read_parquet(path: str | Path, source: int, text_field: str, file: int = 0) 
 
     row = 0
     try:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(remote_sources.open_object(path) if is_uri(path) else path)
         names = pf.schema_arrow.names
         if text_field not in names:
             yield Record(source, 0, None, f"missing_field: {text_field!r} not in columns {names[:20]} "

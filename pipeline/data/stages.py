@@ -23,14 +23,16 @@ from pydantic import Field
 
 import pipeline
 from pipeline.config import DataConfig
-from pipeline.data import interrupt
+from pipeline.data import interrupt, remote_sources
 from pipeline.data.clean import FILTERS
 from pipeline.data.dedup import Duplicate
 from pipeline.data.executors import Executor
 from pipeline.data.manifest import Manifest
 from pipeline.data.shards import sha256_file
 from pipeline.data.sources import Corpus, SourceFile
+from pipeline.data.tokenizer import tokenizer_file
 from pipeline.errors import CorruptFile
+from pipeline.objstore import is_uri
 from pipeline.records import Record
 from pipeline.rundir import DatasetDir
 from pipeline.storage import LocalStorage, StorageError
@@ -41,6 +43,8 @@ def _digest(*parts) -> str:
 
 
 def _input_hash(path: str | Path) -> str:
+    if is_uri(path):  # an object on a store: its ETag and size, from the listing (remote_sources.py)
+        return remote_sources.fingerprint(str(path))
     path = Path(path)
     if path.is_dir():  # a saved HF dataset: every file in it
         files = sorted(p for p in path.rglob("*") if p.is_file())
@@ -65,7 +69,7 @@ def fingerprints(cfg: DataConfig, files: list[SourceFile], hashes: dict[str, str
                    cfg.clean.model_dump(), list(FILTERS), dedup)  # which documents are kept, and their cleaned text
     tok = cfg.tokenizer.model_dump(exclude={"fast_encoder"})
     if cfg.tokenizer.path:  # a given tokenizer does not depend on the corpus
-        tokenizer = _digest("tokenizer", pipeline.__version__, tok, sha256_file(cfg.tokenizer.path))
+        tokenizer = _digest("tokenizer", pipeline.__version__, tok, sha256_file(tokenizer_file(cfg.tokenizer.path)))
     else:
         tokenizer = _digest("tokenizer", pipeline.__version__, tok, kept)
     shards = _digest("shards", pipeline.__version__, kept, tokenizer, [s.resolved_name for s in cfg.sources],

@@ -13,6 +13,8 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 
 from pipeline.config import TokenizerConfig
 from pipeline.errors import UserError
+from pipeline.objstore import is_uri
+from pipeline.remote_inputs import local_copy
 
 BERT_SPECIALS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
 
@@ -46,8 +48,16 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig) -> Tokenizer:
     return tok
 
 
+def tokenizer_file(path: str | Path) -> Path:
+    """The local file of ``data.tokenizer.path``: itself, or for a URI (``s3://…/tokenizer.json``) its
+    verified copy in this node's cache (pipeline/remote_inputs.py)."""
+    if is_uri(path):
+        return local_copy(str(path), "data.tokenizer.path")
+    return Path(path)
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    path = Path(path)
+    path = tokenizer_file(path)
     if not path.is_file():
         raise TokenizerError(f"data.tokenizer.path: no such file: {path}")
     return Tokenizer.from_file(str(path))

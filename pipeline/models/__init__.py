@@ -91,10 +91,13 @@ def _init_from_weights(cfg: ModelConfig) -> dict[str, torch.Tensor]:
     from pipeline.hf_fields import agrees, read_hf_fields
     from pipeline.models.hf import import_from_hf
     from pipeline.models.hf_modern import hf_family
+    from pipeline.objstore import is_uri
+    from pipeline.remote_inputs import local_copy
 
+    hf_dir = local_copy(cfg.init_from, "model.init_from") if is_uri(cfg.init_from) else cfg.init_from
     try:
-        hf_cfg, weights = import_from_hf(cfg.init_from)
-        fields = read_hf_fields(cfg.init_from)
+        hf_cfg, weights = import_from_hf(hf_dir)
+        fields = read_hf_fields(hf_dir)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"model.init_from: {exc}") from None
     try:
