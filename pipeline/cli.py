@@ -249,7 +249,8 @@ def cmd_eval(args) -> int:
     options = EvalOptions(tasks=tuple(args.tasks), device=args.device, lm_eval_tasks=lm_eval,
                           lm_eval_include=tuple(args.lm_eval_include))
     ray = {"use_ray": args.ray, "ray_address": args.ray_address, "ray_gpus": args.ray_gpus}
-    args.run_dir = localize(args.run_dir, "none" if args.watch else "newest" if args.checkpoint is None else [args.checkpoint])
+    wanted = "none" if args.watch else "newest" if args.checkpoint is None else [args.checkpoint]
+    args.run_dir = localize(args.run_dir, wanted)  # an s3:// run: this node's mirror of it
     if not args.watch:
         if args.max_evals is not None or args.until_step is not None:
             raise EvalError("--max-evals and --until-step apply to --watch only")
