@@ -250,3 +250,33 @@ def localize(location: str, checkpoints: str | list[int] = "newest", log: Callab
     run.remote_storage.check()
     pull_run(run, checkpoints, log=log)
     return str(run.root)
+
+
+def share_universal(run: RunDir, tag: str, rank: int) -> None:
+    """All ranks, before loading a universal conversion of ``tag`` that rank 0 just made in its
+    node's mirror: on an object store, rank 0 uploads it and every other node fetches it (one
+    process per node), since no node sees another's files. No-op for a local run."""
+    import torch.distributed as dist
+
+    if not run.remote:
+        return
+    base = f"{CKPT}/{RunDir.UNIVERSAL}/{tag}"
+    store = run.remote_storage
+    if rank == 0:
+        store.delete_tree(base)
+        local = LocalStorage(run.universal_dir / tag)
+        store.upload_many([(local.path(k), f"{base}/{k}") for k in local.list()])
+    dist.barrier()
+    with node_lock(run.root):
+        if not (run.universal_dir / tag).is_dir():
+            state = SyncState(run.root)
+            fetch(store, state, [(k, None, i.size) for k, i in store.infos(base + "/").items()])
+    dist.barrier()
+
+
+def drop_universal(run: RunDir, rank: int) -> None:
+    """After the load: each node's copy of the conversion goes, and rank 0 removes the store's."""
+    if rank == 0 or (run.remote and node_local_rank() == 0):  # a shared directory: rank 0 alone
+        run.checkpoint_storage.delete_tree(RunDir.UNIVERSAL)
+    if rank == 0 and run.remote:
+        run.remote_storage.delete_tree(f"{CKPT}/{RunDir.UNIVERSAL}")

@@ -255,11 +255,11 @@ def load(engine, plan: ResumePlan, cfg: PipelineConfig, state: TrainState, rank:
 
     latest, run = plan.checkpoint, RunDir(cfg.run_dir)
     if plan.universal:
+        remote.share_universal(run, latest.tag, rank)  # on an object store: every node gets rank 0's conversion
         engine.load_checkpoint(str(run.universal_dir), tag=latest.tag, load_module_strict=True,
                                load_lr_scheduler_states=False)
         dist.barrier()
-        if rank == 0:
-            run.checkpoint_storage.delete_tree(RunDir.UNIVERSAL)
+        remote.drop_universal(run, rank)
     else:
         with weights_only_loads(latest.path):  # DeepSpeed itself would unpickle anything
             engine.load_checkpoint(str(latest.path.parent), tag=latest.tag, load_module_strict=True,

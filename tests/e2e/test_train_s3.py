@@ -175,3 +175,19 @@ def test_the_demo_runs_its_whole_flow_on_s3(s3, tmp_path):
         assert key in keys, sorted(keys)
     assert any(k.startswith("demo/data/train/") and k.endswith(".bin") for k in keys)
     assert any(k.startswith("demo/wandb/") and k.endswith(".wandb") for k in keys)
+
+
+def test_a_two_rank_run_on_s3_resumes_elastically_on_one_rank_from_another_machine(trained_run, s3, tmp_path):
+    """World size 2 → 1 through the universal checkpoint, with the run on the store and a cold cache."""
+    data = upload_dataset(s3, trained_run["data_dir"], "datasets/elastic")
+    run = f"s3://{s3.bucket}/runs/elastic"
+    pretrain("train", "configs/demo.yaml", *run_sets(trained_run, run, data, 3), "--set", "train.nproc_per_node=2",
+             env={"PRETRAIN_CACHE_DIR": str(tmp_path / "machine-a")})
+    out = pretrain("train", "configs/demo.yaml", *run_sets(trained_run, run, data, 6), "--set", "train.nproc_per_node=1",
+                   env={"PRETRAIN_CACHE_DIR": str(tmp_path / "machine-b")})
+    text = out.stdout + out.stderr
+    assert "universal" in text, text[-3000:]
+    state = json.loads(objects(s3, "runs/elastic/checkpoints/step_00000006/")
+                       ["runs/elastic/checkpoints/step_00000006/trainer_state.json"])
+    assert state["world_size"] == 1 and state["step"] == 6
+    assert not any("/.universal/" in k for k in s3.keys(s3.bucket, "runs/elastic/"))  # scratch removed
