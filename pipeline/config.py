@@ -627,6 +627,13 @@ class LaunchConfig(Section):
         "train.nproc_per_node ranks each.",
     )
     rdzv_port: int = Field(29500, ge=1024, le=65535, description="torchrun rendezvous port on the first node.")
+    max_restarts: int = Field(
+        0, ge=0, description="When a rank or a node's ranks die, restart the whole group this many times "
+        "before the job fails (torchrun --max-restarts under Slurm and our own torchrun, Ray Train "
+        "FailureConfig.max_failures under Ray); each restart resumes from the last committed checkpoint "
+        "and logs launch/restart. 0: a dead rank fails the job at once, which is what you want while a "
+        "failure is more likely a bug than a flaky node; 2-3 on a cluster.",
+    )
     lock_lease_s: float = Field(
         120.0, gt=0, description="A run-directory lock not renewed for this long is taken over."
     )

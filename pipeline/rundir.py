@@ -151,6 +151,12 @@ class RunDir:
     def ray_train(self) -> Path:
         return self.root / "ray_train"
 
+    @staticmethod
+    def launch_starts(launch_id: str) -> str:
+        """Key of how often one launch (a Slurm allocation, a torchrun, a Ray Train fit) started its
+        ranks training: 1 + its automatic restarts (launch.max_restarts)."""
+        return f"launches/{launch_id}.starts"
+
 
 @dataclass(frozen=True)
 class DatasetDir:
