@@ -95,8 +95,9 @@ SelectTypeParameters=CR_Core
 ReturnToService=2
 MpiDefault=none
 SchedulerType=sched/backfill
-# requeue at once, and let a requeued job start again without a pause
 JobRequeue=1
+# a requeued job may start again after the job credential's lifetime (Slurm's default: 120 s)
+AuthInfo=cred_expire=10
 MinJobAge=600
 StateSaveLocation=$BASE/ctld
 SlurmdSpoolDir=$BASE/spool-%n
