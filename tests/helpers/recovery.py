@@ -44,9 +44,9 @@ def restarts(run: Path) -> list[tuple[int, int]]:
     return [(r["step"], r["launch/restart"]) for r in rows(run) if "launch/restart" in r]
 
 
-def rank_pids(*markers: str) -> list[int]:
+def rank_pids(*markers: str, cmdline_has: str = "") -> list[int]:
     """Training ranks (`pipeline.cli train` under torchrun: LOCAL_RANK set) whose environment holds
-    every ``KEY=VALUE`` of ``markers``."""
+    every ``KEY=VALUE`` of ``markers`` (and whose command line contains ``cmdline_has``)."""
     found = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -56,7 +56,7 @@ def rank_pids(*markers: str) -> list[int]:
             env = set((proc / "environ").read_bytes().split(b"\0"))
         except OSError:
             continue
-        if (b"pipeline.cli" in cmd and b"torch.distributed.run" not in cmd
+        if (b"pipeline.cli" in cmd and b"torch.distributed.run" not in cmd and cmdline_has.encode() in b" ".join(cmd)
                 and any(e.startswith(b"LOCAL_RANK=") for e in env) and all(m.encode() in env for m in markers)):
             found.append(int(proc.name))
     return found
@@ -85,3 +85,14 @@ def first_step_after(run: Path, at: float) -> tuple[int, float]:
     after = [r for r in rows(run) if "train/loss" in r and r["time"] > at]
     assert after, "no step was trained after the kill"
     return after[0]["step"], after[0]["time"] - at
+
+
+def descends_from(pid: int, root: int) -> bool:
+    while pid > 1:
+        if pid == root:
+            return True
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return False
+    return False
