@@ -6,8 +6,8 @@ node; the ranks resume from the last committed checkpoint as on any start. Rank 
 starts of its launch in the run directory (`RunDir.launch_starts`), so the count is the group's,
 whichever node failed (torchrun's own ``TORCHELASTIC_RESTART_COUNT`` is per node: the node whose
 rank died counts the restart, the others do not). A launch is named by ``LAUNCH_ENV`` (our own
-torchrun and the Ray Train driver set it), else by the Slurm job and its requeue count, else by
-torchrun's rendezvous id; a process with none (one process, no launcher) never restarts.
+torchrun and the Ray Train driver set it), else, under torchrun, by the Slurm job and its requeue
+count or by torchrun's rendezvous id; a process no launcher restarts counts nothing.
 """
 
 from __future__ import annotations
@@ -26,9 +26,11 @@ def launch_id(env: Mapping[str, str] | None = None) -> str | None:
     env = os.environ if env is None else env
     if env.get(LAUNCH_ENV):
         name = env[LAUNCH_ENV]
-    elif env.get("SLURM_JOB_ID"):  # a requeued job is a new launch
+    elif "TORCHELASTIC_RUN_ID" not in env:  # no torchrun: nothing restarts this process
+        return None
+    elif env.get("SLURM_JOB_ID"):  # torchrun in a Slurm job; a requeued job is a new launch
         name = f"slurm-{env['SLURM_JOB_ID']}-{env.get('SLURM_RESTART_COUNT') or 0}"
-    elif env.get("TORCHELASTIC_RUN_ID", "none") != "none":
+    elif env["TORCHELASTIC_RUN_ID"] != "none":
         name = f"torchrun-{env['TORCHELASTIC_RUN_ID']}"
     else:
         return None

@@ -177,6 +177,7 @@ def test_time_limit_signal_commits_requeues_and_resumes_bit_for_bit(shared, tmp_
     budget is spent. 400 steps, so that the first allocation is still training when USR1 comes."""
     steps = ["train.max_steps=400", "train.log_interval_steps=10", "checkpoint.save_interval_steps=100"]
     reference = shared / "long-reference"
+    pretrain("prepare", "configs/demo.yaml", *_sets(shared, reference))  # up to date when the others ran first
     ref = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", "configs/demo.yaml",
                           *_sets(shared, reference, *steps, "train.nproc_per_node=2")],
                          cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=600)
