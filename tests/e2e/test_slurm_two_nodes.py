@@ -172,10 +172,11 @@ def test_usr1_commits_requeues_and_the_requeued_job_resumes_bit_for_bit(shared, 
 
 @pytest.mark.slow
 def test_time_limit_signal_commits_requeues_and_resumes_bit_for_bit(shared, tmp_path):
-    """The real thing: `#SBATCH --time=00:01:00 --signal=B:USR1@50`; slurmctld sends USR1 when 10 s
-    are gone (it looks every 30 s), and every allocation that trains commits and requeues until the
-    budget is spent. 400 steps, so that the first allocation is still training when USR1 comes."""
-    steps = ["train.max_steps=400", "train.log_interval_steps=10", "checkpoint.save_interval_steps=100"]
+    """The real thing: `#SBATCH --time=00:01:00 --signal=B:USR1@30`; slurmctld sends USR1 once 30 s
+    are gone (it looks every 30 s: within 30-60 s), and every allocation commits and requeues until
+    the budget is spent. 600 steps (~0.1 s each here), so that the first allocations are still
+    training when USR1 comes."""
+    steps = ["train.max_steps=600", "train.log_interval_steps=10", "checkpoint.save_interval_steps=200"]
     reference = shared / "long-reference"
     pretrain("prepare", "configs/demo.yaml", *_sets(shared, reference))  # up to date when the others ran first
     ref = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", "configs/demo.yaml",
@@ -183,11 +184,11 @@ def test_time_limit_signal_commits_requeues_and_resumes_bit_for_bit(shared, tmp_
                          cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=600)
     assert ref.returncode == 0, ref.stderr[-3000:]
     run = shared / "timed"
-    proc = _popen(_submit(shared, run, *steps, "launch.slurm.time_limit=00:01:00", "launch.slurm.signal_lead_s=50"))
-    out = _finish(proc, 900)
+    proc = _popen(_submit(shared, run, *steps, "launch.slurm.time_limit=00:01:00", "launch.slurm.signal_lead_s=30"))
+    out = _finish(proc, 1200)
     assert proc.returncode == 0 and "COMPLETED" in out, out + _log(run)[-4000:]
     log = _log(run)
-    assert "--signal=B:USR1@50" in next((run / "submitted").glob("*.sbatch")).read_text()
+    assert "--signal=B:USR1@30" in next((run / "submitted").glob("*.sbatch")).read_text()
     assert "pretrain: USR1 at" in log and "(restart 1)" in log, log[-4000:]
     assert losses(run) == losses(reference)
-    assert ckpt.latest_committed(run / "checkpoints").step == 400
+    assert ckpt.latest_committed(run / "checkpoints").step == 600
