@@ -176,7 +176,8 @@ def test_time_limit_signal_commits_requeues_and_resumes_bit_for_bit(shared, tmp_
     are gone (it looks every 30 s: within 30-60 s), and every allocation commits and requeues until
     the budget is spent. 600 steps (~0.1 s each here), so that the first allocations are still
     training when USR1 comes."""
-    steps = ["train.max_steps=600", "train.log_interval_steps=10", "checkpoint.save_interval_steps=200"]
+    # a loss row per step: a window of steps logged across a resume would average fewer steps
+    steps = ["train.max_steps=600", "train.log_interval_steps=1", "checkpoint.save_interval_steps=200"]
     reference = shared / "long-reference"
     pretrain("prepare", "configs/demo.yaml", *_sets(shared, reference))  # up to date when the others ran first
     ref = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", "configs/demo.yaml",
