@@ -647,6 +647,13 @@ class LaunchConfig(Section):
         "override it); None: the interpreter running `pretrain submit` (sys.executable). Kubernetes pods "
         "run the image's `python` unless this is set.",
     )
+    max_restarts: int = Field(
+        0, ge=0, description="When a rank or a node's ranks die, restart the whole group this many times "
+        "before the job fails (torchrun --max-restarts under Slurm and our own torchrun, Ray Train "
+        "FailureConfig.max_failures under Ray); each restart resumes from the last committed checkpoint "
+        "and logs launch/restart. 0: a dead rank fails the job at once, which is what you want while a "
+        "failure is more likely a bug than a flaky node; 2-3 on a cluster.",
+    )
     lock_lease_s: float = Field(
         120.0, gt=0, description="A run-directory lock not renewed for this long is taken over."
     )

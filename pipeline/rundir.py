@@ -188,6 +188,12 @@ class RunDir:
         """The environment `ray job ...` needs for this run's cluster (address, auth); mode 0600."""
         return self.submitted / "ray.env"
 
+    @staticmethod
+    def launch_starts(launch_id: str) -> str:
+        """Key of how often one launch (a Slurm allocation, a torchrun, a Ray Train fit) started its
+        ranks training: 1 + its automatic restarts (launch.max_restarts)."""
+        return f"launches/{launch_id}.starts"
+
 
 @dataclass(frozen=True)
 class DatasetDir:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 from pipeline.config import PipelineConfig, to_yaml
@@ -22,6 +23,7 @@ from pipeline.errors import Interrupted, PipelineError
 from pipeline.launch.env import cpu_or_cuda
 from pipeline.rundir import RunDir
 from pipeline.train.preemption import REPORTS_ENV, first_error, ready_ranks
+from pipeline.train.restarts import LAUNCH_ENV
 
 
 def free_port() -> int:
@@ -92,14 +94,22 @@ def run_torchrun(cfg: PipelineConfig) -> int:
     at once. An error a rank reports ends the job with that one line and its exit code.
     """
     config_path = write_resolved_config(cfg)
+    restarts = cfg.launch.max_restarts
+    # A restart (launch.max_restarts) needs a new store for the process group in each round, or a
+    # restarted rank may read the address a dead rank published before: c10d rendezvous with the
+    # store not shared does that; without restarts the static rendezvous is all there is to it.
+    rendezvous = (["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}"] if restarts
+                  else ["--master-addr", "127.0.0.1", "--master-port", str(free_port())])
     cmd = [
         sys.executable, "-m", "torch.distributed.run",
-        "--nnodes", "1", "--nproc-per-node", str(cfg.train.nproc_per_node),
-        "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-        "-m", "pipeline.cli", "train", str(config_path),
+        "--nnodes", "1", "--nproc-per-node", str(cfg.train.nproc_per_node), "--max-restarts", str(restarts),
+        *rendezvous, "-m", "pipeline.cli", "train", str(config_path),
     ]
     with tempfile.TemporaryDirectory(prefix="pretrain-ranks-") as reports:
-        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), **{REPORTS_ENV: reports})
+        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+                   **{REPORTS_ENV: reports, LAUNCH_ENV: f"torchrun-{uuid.uuid4().hex[:12]}"})
+        if restarts:
+            env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
         env.setdefault("DS_ACCELERATOR", cpu_or_cuda())
         proc = subprocess.Popen(dying_with_us(cmd), env=env, start_new_session=True)
         supervisor = _Supervisor(proc, reports, cfg.train.nproc_per_node)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import uuid
 from pathlib import Path
 
 from pipeline.config import ConfigError, PipelineConfig, load_config
@@ -23,6 +24,7 @@ from pipeline.launch.env import cpu_or_cuda
 from pipeline.launch.preamble import guarded, lease, stage_inputs
 from pipeline.objstore import is_uri
 from pipeline.rundir import RunDir
+from pipeline.train.restarts import LAUNCH_ENV
 
 WHO = "ray train"
 # Set in the driver; Ray Train passes them on to its controller and workers.
@@ -43,6 +45,7 @@ def _worker(config: dict) -> None:
 
     os.environ.setdefault("DS_ACCELERATOR", cpu_or_cuda())
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ[LAUNCH_ENV] = config["launch_id"]  # every restart of this fit counts under one name
     cfg = build_config(config["pipeline"], origin="(ray job)")
     stage_inputs(cfg)  # a run or dataset on an object store: this worker's node mirrors it first
     train(cfg)
@@ -86,7 +89,7 @@ def _storage(cfg: PipelineConfig) -> dict:
 
 
 def _trainer(cfg: PipelineConfig, world: int):
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipeline.train.engine import pick_backend
@@ -94,12 +97,14 @@ def _trainer(cfg: PipelineConfig, world: int):
     use_gpu = cfg.launch.gpus_per_node > 0
     return TorchTrainer(
         _worker,
-        train_loop_config={"pipeline": cfg.model_dump(mode="json")},
+        train_loop_config={"pipeline": cfg.model_dump(mode="json"), "launch_id": f"ray-{uuid.uuid4().hex[:12]}"},
         torch_config=TorchConfig(backend="nccl" if use_gpu else pick_backend(cfg),
                                  timeout_s=cfg.train.dist_timeout_s),
         scaling_config=ScalingConfig(num_workers=world, use_gpu=use_gpu,
                                      resources_per_worker={"GPU": 1} if use_gpu else {"CPU": 1}),
-        run_config=RunConfig(name=cfg.name, **_storage(cfg)),
+        run_config=RunConfig(name=cfg.name, **_storage(cfg),
+                             # a failed worker restarts the whole group, which resumes from the last COMMIT
+                             failure_config=FailureConfig(max_failures=cfg.launch.max_restarts)),
     )
 
 

@@ -54,8 +54,13 @@ def render_sbatch(cfg: PipelineConfig, config_path: str, stage: str = "all") -> 
         extra.append(f"#SBATCH --account={s.account}")
     ranks = launch.ranks_per_node(cfg.train)
     py, conf = shlex.quote(interpreter(cfg, s.python)), shlex.quote(config_path)
-    torchrun = (f"srun --kill-on-bad-exit=1 --ntasks-per-node=1 {py} -m torch.distributed.run "
-                f"--nnodes=\"$SLURM_JOB_NUM_NODES\" --nproc-per-node={ranks} --rdzv-backend=c10d "
+    # TORCH_DISABLE_SHARE_RDZV_TCP_STORE: after a restart (launch.max_restarts) each rendezvous round
+    # gets a new store for the process group; in the shared one a restarted rank could read the
+    # address a dead rank published in the round before, and fail again
+    torchrun = (f"srun --kill-on-bad-exit=1 --ntasks-per-node=1 --export=ALL,TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+                f"{py} -m torch.distributed.run "
+                f"--nnodes=\"$SLURM_JOB_NUM_NODES\" --nproc-per-node={ranks} --max-restarts={launch.max_restarts} "
+                f"--rdzv-backend=c10d "
                 f"--rdzv-endpoint=\"$MASTER_ADDR:$MASTER_PORT\" --rdzv-id=\"$SLURM_JOB_ID\" "
                 f"-m pipeline.cli train {conf}")
     commands = stage_commands(interpreter(cfg, s.python), config_path, cfg.run_dir, stage)

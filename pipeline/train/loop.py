@@ -37,6 +37,7 @@ from pipeline.train import guards, metrics, resume
 from pipeline.train import state as st
 from pipeline.train.engine import init_distributed, initialize, loss_scale, resolve_model_config
 from pipeline.train.preemption import Preemption, mark_ready
+from pipeline.train.restarts import count_start, record_restart
 from pipeline.train.schedule import Schedule, describe_change, resumed
 
 
@@ -281,6 +282,9 @@ class _Attempt:
                 f"{self.flops_per_token / 1e6:.1f} MFLOP/token, train samples "
                 + ", ".join(f"{n}: {len(s)} (weight {w:g})" for n, s, w in zip(data.names, data.sources, data.weights))
                 + (f", resumed from {self.resumed.path} at step {state.step}" if self.resumed else ""))
+        if run.rank == 0 and not run.pending_skips:  # this start's first attempt (a rollback is no restart)
+            record_restart(run.tracker, run.say, count_start(self.cfg.run_dir), state.step,
+                           str(self.resumed.path) if self.resumed else None, self.cfg.launch.max_restarts)
         if self.schedule_changed:
             run.say(describe_change(self.schedule, self.schedule_changed))
         newest = Era.from_json(state.data_eras[-1]) if len(state.data_eras) > 1 else None
