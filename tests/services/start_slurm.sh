@@ -57,9 +57,11 @@ EOF
 fi
 
 running() { pgrep -x "$1" >/dev/null; }
+# by pid file, not by name: the two-node test cluster (start_cluster.sh) runs daemons of the same names
+alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 running munged || su -s /bin/sh munge -c "/usr/sbin/munged"
-running slurmctld || /usr/sbin/slurmctld
-running slurmd || /usr/sbin/slurmd
+alive /var/run/slurmctld.pid || /usr/sbin/slurmctld
+alive /var/run/slurmd.pid || /usr/sbin/slurmd
 
 for _ in $(seq 1 30); do
     if sinfo -h -o "%T" 2>/dev/null | grep -qE "idle|mixed|allocated"; then
