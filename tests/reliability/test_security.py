@@ -268,7 +268,8 @@ def test_no_launcher_binds_a_dashboard_beyond_localhost():
              for p in (ROOT / d).rglob("*") if p.is_file() and p.suffix in ("", ".py", ".sbatch", ".yaml", ".sh")}
     for name, text in texts.items():
         assert "dashboard-host=0.0.0.0" not in text and "dashboard_host=\"0.0.0.0\"" not in text, name
-    cfg = load_config(ROOT / "configs" / "demo.yaml", ["launch.gpus_per_node=1", "launch.nodes=2"])
+    cfg = load_config(ROOT / "configs" / "demo.yaml", ["launch.gpus_per_node=1", "launch.nodes=2",
+                                                        "launch.k8s.storage_claim=pretrain-data"])  # required now
     rendered = yaml.safe_dump_all(k8s.render(cfg))
     for exposure in ("NodePort", "LoadBalancer", "Ingress", "dashboard-host"):
         assert exposure not in rendered, exposure
