@@ -53,7 +53,8 @@ from pipeline.data.manifest import (
 from pipeline.data.shards import RollingShardWriter, token_dtype
 from pipeline.data.sources import COMPRESSED, CORRUPT, Corpus, doc_ids, read_file, split_doc_id, split_doc_ids
 from pipeline.data.stages import (
-    DedupRecord, Progress, Scope, StageContext, StageRecord, fingerprints, input_hashes, save_stage, summary_table,
+    DedupRecord, EncoderRecord, Progress, Scope, StageContext, StageRecord, encoder_fingerprint, fingerprints,
+    input_hashes, load_stage, save_stage, summary_table,
 )
 from pipeline.data.tokenizer import TokenizerError, load_tokenizer, special_ids, train_tokenizer
 from pipeline.errors import UserError
@@ -199,6 +200,21 @@ def _sample_texts(corpus: Corpus, removed: np.ndarray, per_source_chars: int = 1
     return sample
 
 
+def _encoder_choice(ctx: StageContext, tokenizer_json: str) -> tuple[str, str]:
+    """(kind, why) of `choose_encoder`, checked once per tokenizer: the verdict is kept in
+    ``.stages/encoder.json`` under the tokenizer's sha256, so a run with the same tokenizer neither
+    reads the sample nor encodes it twice again."""
+    if not ctx.cfg.tokenizer.fast_encoder:
+        return choose_encoder(tokenizer_json, [], allow_fast=False)
+    fingerprint = encoder_fingerprint(tokenizer_json)
+    record = load_stage(ctx.data.root, "encoder", fingerprint, kind=EncoderRecord)
+    if record is not None:
+        return record.encoder, record.why
+    kind, why = choose_encoder(tokenizer_json, _sample_texts(ctx.corpus, ctx.removed))
+    save_stage(ctx.data.root, "encoder", fingerprint, [], kind=EncoderRecord, encoder=kind, why=why)
+    return kind, why
+
+
 class _Counts:
     """Per-source tallies of the shards pass: the accounting identity is checked on these."""
 
@@ -233,7 +249,7 @@ def _shards(ctx: StageContext) -> _Shards:
     tokenizer = Tokenizer.from_str(store.read_text(TOKENIZER))
     specials = special_ids(tokenizer, cfg.tokenizer)
     dtype = token_dtype(tokenizer.get_vocab_size())
-    kind, why = choose_encoder(tokenizer.to_str(), _sample_texts(ctx.corpus, ctx.removed), cfg.tokenizer.fast_encoder)
+    kind, why = _encoder_choice(ctx, tokenizer.to_str())
     ctx.log(f"shards: encoding with {kind} ({why})")
     encoded = ctx.executor.map(
         ctx.corpus, workers.encode_batch, clean=cfg.clean.model_dump(), removed_ref=ctx.removed_ref,
