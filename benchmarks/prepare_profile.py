@@ -34,15 +34,14 @@ sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 
 # part → (file suffix, function name) whose cumulative times make it; the first match wins
 PARTS = {
-    "imports (pipeline.data.prepare)": [],  # measured apart, before the profile starts
+    "imports (pipeline.data.prepare)": [],  # CPU seconds, measured apart, before the profile starts
     "gunzip": [("gzip.py", "read"), ("gzip.py", "readinto"), ("_compression.py", "readinto")],
     "JSON parse": [("json/__init__.py", "loads")],
     "NFC check / normalize": [("~", "<built-in method unicodedata.is_normalized>"),
                               ("~", "<built-in method unicodedata.normalize>")],
     "encode (tiktoken)": [("tiktoken/core.py", "encode_ordinary"), ("tiktoken/core.py", "encode_to_numpy"),
                           ("tiktoken/core.py", "encode_ordinary_batch")],
-    "token ids → uint16 arrays": [("fast_tokenizer.py", "ids_array"), ("fast_tokenizer.py", "to_flat"),
-                                  ("fast_tokenizer.py", "_flat")],
+    "token ids → uint16 arrays": [("fast_tokenizer.py", "ids_array"), ("~", "<built-in method numpy.fromiter>")],
     "fast-encoder check": [("prepare.py", "_sample_texts"), ("fast_tokenizer.py", "choose_encoder"),
                            ("fast_tokenizer.py", "verified_encoder")],
     "tokenizer / encoder build": [("fast_tokenizer.py", "__init__"), ("tokenizers", "from_str")],
@@ -91,10 +90,10 @@ def _inside(key, raw, seen=None) -> bool:
 _CHILD = """
 import cProfile, json, os, pstats, sys, time
 sys.path[:0] = {path!r}
-t0 = time.perf_counter()
+t0 = time.process_time()
 from pipeline.config import DataConfig
 from pipeline.data.prepare import prepare
-imported = time.perf_counter() - t0
+imported = time.process_time() - t0
 cfg = DataConfig(sources=[{{"path": {corpus!r}}}], output_dir={out!r}, num_cpus={workers},
                  tokenizer={{"path": {tokenizer!r}}}, executor="local")
 t = os.times()
