@@ -1,27 +1,37 @@
-"""Preprocessing throughput: our `pretrain prepare` against the two usual ways, on the same cores.
+"""Preprocessing throughput: our `pretrain prepare` against the usual ways, on the same cores.
 
-    python benchmarks/preprocess.py CORPUS.jsonl[.gz] [--workers 2] [--rounds 2] [--repeat 1]
+    python benchmarks/preprocess.py CORPUS.jsonl[.gz] [--workers 2] [--rounds 3] [--repeat 1]
+        [--methods megatron,hf-datasets,pool-tiktoken,limit,local,ray]
 
 - **ours**: `prepare()` end to end — read → clean (NFC) → tokenize → pack → write shards + quarantine +
   manifest with sha256 (dedup off, the tokenizer given so none is trained). Every round runs it in a
-  fresh Python process (nothing started, nothing cached) and times the call to `prepare()` until it
-  returns, so whatever it starts is counted: forking the local executor's processes, or `ray.init`
-  and Ray's worker processes. Rows: *local* (`data.executor: auto`, which picks local for this
-  corpus), *ray, cold* (`executor: ray`, the first call, `ray.init` included) and *ray, warm* (a
-  second call in the same process, Ray's workers running). The process's start and its import of
-  `pipeline.data.prepare` (the same for every executor; the baselines' imports happen in this
-  process beforehand, uncounted too) are printed apart, not counted.
+  fresh Python process and times the call to `prepare()` until it returns, so whatever it starts is
+  counted: forking the local executor's processes, or `ray.init` and Ray's worker processes. Rows:
+  *local* (`data.executor: local`), *ray, cold* (`executor: ray`, the first call, `ray.init`
+  included) and *ray, warm* (a second call in the same process, Ray's workers running). The process's
+  start and its import of `pipeline.data.prepare` (the baselines' imports happen in this process
+  beforehand, uncounted too) are printed apart, not counted. Every round writes into the same output
+  directory, so from the second round on the fast-encoder check is the cached verdict of
+  ``.stages/encoder.json`` (the first round pays for it).
+- **multiprocessing.Pool + tiktoken**: what a user writes by hand with the same encoder: a
+  ``Pool(N)`` whose workers ``json.loads`` a line, encode it with tiktoken's ``encode_ordinary`` (the
+  same ranks and pre-tokenization as ours) and return it as uint16 bytes, ``imap(chunksize=32)`` in
+  order, the parent writing a ``.bin`` and an MMIDIDX ``.idx``.
+- **limit**: tiktoken's ``encode_ordinary`` alone over the corpus's texts, already in memory, on N
+  forked processes: no reading, parsing, normalization, conversion or writing. What this encoder can
+  do on these cores, the ceiling for every row.
 - **HF datasets**: `load_dataset("json")` + `map(batched=True, num_proc=N)` with the same tokenizer as
   a `transformers` PreTrainedTokenizerFast, end of document appended (Arrow cache in a fresh dir).
 - **Megatron-style**: `tools/preprocess_data.py`'s design: a `multiprocessing.Pool(N)` whose workers
   `json.loads` a line and encode it (HF `tokenizers`, one document per call), `imap(chunksize=32)`,
   the parent writing a uint16 `.bin` and an MMIDIDX `.idx`.
 
-All three use one BPE tokenizer trained on CORPUS beforehand (not timed) and must produce the same
-number of tokens. Each round runs the two baselines first, then ours. tokens/s = tokens written
-(documents + one end-of-document each) / wall seconds of the step. On a shared machine wall time
-depends on what else runs, so the CPU seconds every process of a method used (pool workers, or Ray's
-GCS, raylet and workers plus the driver) are printed per million tokens.
+All use one BPE tokenizer trained on CORPUS beforehand (not timed) and must produce the same number
+of tokens (ours: a few fewer, as NFC changes some documents). Each round runs the methods in the
+order given, so a baseline and ours alternate. tokens/s = tokens written (documents + one
+end-of-document each) / wall seconds of the step; the table gives the median over the rounds. On a
+shared machine wall time depends on what else runs, so the CPU seconds every process of a method
+used (pool workers, or Ray's GCS, raylet and workers plus the driver) are printed per million tokens.
 """
 
 from __future__ import annotations

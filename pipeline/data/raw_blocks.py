@@ -54,6 +54,26 @@ def columns_of(block: dict) -> dict:
             "raw": [r.raw or "" for r in recs]}
 
 
+MAX_LINES = 4096  # lines in a block at most, as `workers.file_blocks` holds at most 4,096 records
+
+
+def _at_most(blob: bytes, lines: int) -> Iterator[bytes]:
+    """``blob`` in pieces of at most ``lines`` line feeds (the stream of tiny records stays in many blocks)."""
+    if blob.count(b"\n") <= lines:
+        yield blob
+        return
+    start = 0
+    while start < len(blob):
+        end = start
+        for _ in range(lines):
+            end = blob.find(b"\n", end) + 1
+            if not end:
+                end = len(blob)
+                break
+        yield blob[start:end]
+        start = end
+
+
 def _cuts(stream, block_bytes: int) -> Iterator[bytes]:
     """The stream's bytes in blocks of whole lines (the last block may end without a line feed)."""
     carry: list[bytes] = []
@@ -62,10 +82,10 @@ def _cuts(stream, block_bytes: int) -> Iterator[bytes]:
         if not end:  # a line longer than a block: keep collecting it
             carry.append(chunk)
             continue
-        yield b"".join([*carry, chunk[:end]]) if carry else chunk[:end]
+        yield from _at_most(b"".join([*carry, chunk[:end]]) if carry else chunk[:end], MAX_LINES)
         carry = [chunk[end:]] if end < len(chunk) else []
     if carry:
-        yield b"".join(carry)
+        yield from _at_most(b"".join(carry), MAX_LINES)
 
 
 def jsonl_blocks(sf: SourceFile, text_field: str, block_bytes: int, columns) -> Iterator[dict]:

@@ -83,6 +83,18 @@ def test_raw_blocks_hold_the_records_read_jsonl_reads(tmp_path, suffix, block_by
     assert sum(r.startswith("malformed_json") for r in want["reason"]) >= 3
 
 
+def test_a_block_holds_at_most_4096_lines(tmp_path, monkeypatch):
+    from pipeline.data import raw_blocks
+
+    monkeypatch.setattr(raw_blocks, "MAX_LINES", 5)
+    path = tmp_path / "tiny.jsonl"
+    path.write_bytes(b"".join(_lines([f"doc {i}" for i in range(23)])) + b"\n\n" + b'{"text": "last"}')
+    sf = SourceFile(0, 0, str(path), "jsonl")
+    blocks = list(jsonl_blocks(sf, "text", 1 << 20, None))
+    assert [b["jsonl_bytes"].count(b"\n") for b in blocks] == [5, 5, 5, 5, 5, 0]
+    assert _columns_of_all(blocks) == _columns_of_all(workers.file_blocks(sf, "text", "file", 1 << 20))
+
+
 @pytest.mark.parametrize("block_bytes", [64, 1 << 20])
 def test_a_truncated_gzip_gives_the_records_and_the_reason_read_jsonl_gives(tmp_path, block_bytes):
     whole = gzip.compress(b"".join(_lines(TEXTS * 20)))
