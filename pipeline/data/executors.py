@@ -46,6 +46,7 @@ class Executor(Protocol):
     executor ran."""
 
     name: str  # "local" or "ray", as the manifest records it
+    flat_results: bool  # whether a stage's result may hold a column of its own length (the token stream)
 
     def describe(self) -> str:
         """The resources it runs on, for the log (``2 processes``, ``16 Ray CPUs``)."""
@@ -128,6 +129,11 @@ def _run_task(block: dict) -> dict:
     return _TASK(block)
 
 
+def _on_columns(fn: Callable, kwargs: dict, block: dict) -> dict:
+    """``fn`` on a block of the local executor: a raw jsonl block is parsed first, in the worker."""
+    return fn(workers.as_columns(block), **kwargs)
+
+
 def _in_order(task: Callable[[dict], dict], blocks: Iterator[dict], processes: int) -> Iterator[dict]:
     """task(block) for every block, in order, in ``processes`` forked processes.
 
@@ -154,6 +160,7 @@ class LocalExecutor:
     """The stage functions in processes forked from the driver (or in the driver, for one CPU)."""
 
     name = "local"
+    flat_results = True  # results travel through a pipe: two buffers beat an object per record
 
     def __init__(self, cfg: DataConfig):
         self.cfg = cfg
@@ -171,10 +178,10 @@ class LocalExecutor:
     def blocks(self, corpus: Corpus) -> Iterator[dict]:
         for f in corpus.files:
             src = self.cfg.sources[f.source]
-            yield from workers.file_blocks(f, src.text_field, src.text_unit, self.cfg.block_bytes)
+            yield from workers.local_blocks(f, src.text_field, src.text_unit, self.cfg.block_bytes)
 
     def map(self, corpus: Corpus, fn: Callable, **kwargs) -> Iterator[dict]:
-        task = functools.partial(fn, **kwargs)
+        task = functools.partial(_on_columns, fn, kwargs)
         if self.processes == 1:
             return map(task, self.blocks(corpus))
         return _in_order(task, self.blocks(corpus), self.processes)
@@ -200,6 +207,7 @@ class RayExecutor:
     """Ray Data on the Ray instance this process has initialized (``init_ray``)."""
 
     name = "ray"
+    flat_results = False  # Ray Data batches are tables: every column one row per record
 
     def __init__(self, cfg: DataConfig):
         import ray

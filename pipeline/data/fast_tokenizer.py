@@ -125,6 +125,27 @@ class Encoder:
                     self.fast.encode_to_numpy(t, allowed_special=set(), disallowed_special=()) for t in texts]
         return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
 
+    def encode_flat(self, texts: list[str], eod_id: int, dtype) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, lengths): every text's ids followed by ``eod_id``, end to end in one array of ``dtype``,
+        and each text's length in it. One document at a time, so at most one document's Python ints
+        exist at once; ``np.fromiter`` turns them into ``dtype`` without a second list."""
+        dtype = np.dtype(dtype)
+        parts, eod = [], np.array([eod_id], dtype=dtype)
+        lengths = np.empty(len(texts), dtype=np.int64)
+        for i, ids in enumerate(self._each(texts)):
+            parts.append(np.fromiter(ids, dtype, len(ids)) if isinstance(ids, list) else ids.astype(dtype))
+            parts.append(eod)
+            lengths[i] = len(ids) + 1
+        return (np.concatenate(parts) if parts else np.zeros(0, dtype)), lengths
+
+    def _each(self, texts: list[str]):
+        if self.fast is None:
+            yield from self.encode(texts)
+            return
+        for t in texts:
+            yield self.fast.encode_ordinary(t) if len(t) < _HUGE_CHARS else \
+                self.fast.encode_to_numpy(t, allowed_special=set(), disallowed_special=())
+
 
 def first_mismatch(fast, hf: Tokenizer, texts) -> str | None:
     """None if tiktoken and `tokenizers` give the same ids for every text, else where they differ."""

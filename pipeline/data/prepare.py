@@ -53,7 +53,8 @@ from pipeline.data.manifest import (
 from pipeline.data.shards import RollingShardWriter, token_dtype
 from pipeline.data.sources import COMPRESSED, CORRUPT, Corpus, doc_ids, read_file, split_doc_id, split_doc_ids
 from pipeline.data.stages import (
-    DedupRecord, Progress, Scope, StageContext, StageRecord, fingerprints, input_hashes, save_stage, summary_table,
+    DedupRecord, EncoderRecord, Progress, Scope, StageContext, StageRecord, encoder_fingerprint, fingerprints,
+    input_hashes, load_stage, save_stage, summary_table,
 )
 from pipeline.data.tokenizer import TokenizerError, load_tokenizer, special_ids, train_tokenizer
 from pipeline.errors import UserError
@@ -199,6 +200,21 @@ def _sample_texts(corpus: Corpus, removed: np.ndarray, per_source_chars: int = 1
     return sample
 
 
+def _encoder_choice(ctx: StageContext, tokenizer_json: str) -> tuple[str, str]:
+    """(kind, why) of `choose_encoder`, checked once per tokenizer: the verdict is kept in
+    ``.stages/encoder.json`` under the tokenizer's sha256, so a run with the same tokenizer neither
+    reads the sample nor encodes it twice again."""
+    if not ctx.cfg.tokenizer.fast_encoder:
+        return choose_encoder(tokenizer_json, [], allow_fast=False)
+    fingerprint = encoder_fingerprint(tokenizer_json)
+    record = load_stage(ctx.data.root, "encoder", fingerprint, kind=EncoderRecord)
+    if record is not None:
+        return record.encoder, record.why
+    kind, why = choose_encoder(tokenizer_json, _sample_texts(ctx.corpus, ctx.removed))
+    save_stage(ctx.data.root, "encoder", fingerprint, [], kind=EncoderRecord, encoder=kind, why=why)
+    return kind, why
+
+
 class _Counts:
     """Per-source tallies of the shards pass: the accounting identity is checked on these."""
 
@@ -233,12 +249,12 @@ def _shards(ctx: StageContext) -> _Shards:
     tokenizer = Tokenizer.from_str(store.read_text(TOKENIZER))
     specials = special_ids(tokenizer, cfg.tokenizer)
     dtype = token_dtype(tokenizer.get_vocab_size())
-    kind, why = choose_encoder(tokenizer.to_str(), _sample_texts(ctx.corpus, ctx.removed), cfg.tokenizer.fast_encoder)
+    kind, why = _encoder_choice(ctx, tokenizer.to_str())
     ctx.log(f"shards: encoding with {kind} ({why})")
     encoded = ctx.executor.map(
         ctx.corpus, workers.encode_batch, clean=cfg.clean.model_dump(), removed_ref=ctx.removed_ref,
         filtered_ref=ctx.filtered_ref, tokenizer_ref=ctx.executor.tokenizer_arg(tokenizer.to_str(), kind), kind=kind,
-        eod_id=specials["eod"], dtype=dtype.str)
+        eod_id=specials["eod"], dtype=dtype.str, flat=ctx.executor.flat_results)
     for split in SPLITS:  # shards of an earlier, different run
         store.delete_tree(split)
     # shards are memory-mapped by training, so they are local files written in place
@@ -266,20 +282,42 @@ def _shards(ctx: StageContext) -> _Shards:
 
 def _sort_batch(corpus: Corpus, b: dict, out: _Shards, q, every: int) -> None:
     """Each record of an encoded batch to quarantine, to the dropped duplicates, or into its source's
-    shard of its split."""
+    shard of its split (every k-th kept document → validation). The kept documents' tokens go to the
+    writers in runs: consecutive documents of one split and source are one write."""
     counts, n = out.counts, len(corpus.names)
     source = split_doc_ids(b["doc_id"])[0]
     counts.records += np.bincount(source, minlength=n)
     counts.duplicates += np.bincount(source[b["duplicate"]], minlength=n)
-    tokens = 0
-    for i in range(len(source)):
-        if b["reason"][i]:
-            _quarantine(q, corpus, counts, int(b["doc_id"][i]), str(b["reason"][i]), str(b["raw"][i]))
-        elif not b["duplicate"][i]:  # kept: every k-th one goes to validation
-            out.writers[SPLITS[counts.kept % every == every - 1], int(source[i])].add_document(b["ids"][i])
-            counts.kept += 1
-            tokens += len(b["ids"][i])
-    out.progress.update(len(source), tokens)
+    bad = [i for i, r in enumerate(b["reason"]) if r]
+    for i in bad:
+        _quarantine(q, corpus, counts, int(b["doc_id"][i]), str(b["reason"][i]), str(b["raw"][i]))
+    kept = np.ones(len(source), dtype=bool)
+    kept[bad] = False
+    kept &= ~np.asarray(b["duplicate"], dtype=bool)
+    tokens, lengths = _flat_tokens(b, kept)
+    sources = source[kept]
+    validation = (counts.kept + np.arange(len(sources))) % every == every - 1
+    group = sources * 2 + validation  # runs of one (source, split)
+    ends = np.append(np.flatnonzero(group[1:] != group[:-1]) + 1, len(group))
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    start = 0
+    for end in ends.tolist():
+        if end > start:
+            writer = out.writers[SPLITS[int(validation[start])], int(sources[start])]
+            writer.add_documents(tokens[offsets[start]:offsets[end]], lengths[start:end])
+        start = end
+    counts.kept += len(sources)
+    out.progress.update(len(source), int(offsets[-1]))
+
+
+def _flat_tokens(b: dict, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, lengths) of the kept records, end to end: a flat batch as it is (its ``length`` is 0
+    for every record not kept), a batch of per-record ``ids`` joined."""
+    if "tokens" in b:
+        return b["tokens"], np.asarray(b["length"], dtype=np.int64)[kept]
+    ids = [b["ids"][i] for i in np.flatnonzero(kept)]
+    lengths = np.array([len(x) for x in ids], dtype=np.int64)
+    return (np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)), lengths
 
 
 def _quarantine(q, corpus: Corpus, counts: _Counts, doc_id: int, reason: str, raw: str) -> None:

@@ -79,6 +79,17 @@ class ShardWriter:
         self._lengths.append(int(arr.size))
         self.num_tokens += int(arr.size)
 
+    def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Documents that lie end to end in ``tokens`` (``lengths[i]`` tokens each): one write."""
+        arr = np.ascontiguousarray(tokens, dtype=self.dtype)
+        try:
+            self._bin.write(memoryview(arr).cast("B"))
+        except OSError as exc:
+            check_space(exc, self._bin_path, (self.num_tokens + arr.size) * self.dtype.itemsize)
+            raise
+        self._lengths.extend(np.asarray(lengths, dtype=np.int64).tolist())
+        self.num_tokens += int(arr.size)
+
     def close(self) -> None:
         path = self._bin_path
         try:
@@ -125,6 +136,23 @@ class RollingShardWriter:
         self._current.add_document(tokens)
         self.documents += 1
         self.num_tokens += len(tokens)
+
+    def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Documents end to end in ``tokens``, cut into shards exactly as `add_document` one at a time
+        would: a new shard before the document that finds the current one at ``max_tokens`` or more."""
+        lengths = np.asarray(lengths, dtype=np.int64)
+        start = at = 0
+        while start < len(lengths):
+            if self._current is None or self._current.num_tokens >= self.max_tokens:
+                self._roll()
+            # the documents that still start below max_tokens go into the current shard
+            before = self._current.num_tokens + np.concatenate([[0], np.cumsum(lengths[start:-1])])
+            n = max(1, int(np.searchsorted(before, self.max_tokens, side="left")))
+            size = int(lengths[start:start + n].sum())
+            self._current.add_documents(tokens[at:at + size], lengths[start:start + n])
+            self.documents += n
+            self.num_tokens += size
+            start, at = start + n, at + size
 
     def _roll(self) -> None:
         if self._current is not None:

@@ -92,6 +92,18 @@ class DedupRecord(StageRecord):
     near: list[int] = Field(default_factory=list)
 
 
+class EncoderRecord(StageRecord):
+    """``.stages/encoder.json``: which encoder a tokenizer gets (fast_tokenizer.choose_encoder) and why,
+    checked once per tokenizer: its fingerprint is the tokenizer's sha256 and the code version."""
+
+    encoder: str
+    why: str
+
+
+def encoder_fingerprint(tokenizer_json: str) -> str:
+    return _digest("encoder", pipeline.__version__, hashlib.sha256(tokenizer_json.encode()).hexdigest())
+
+
 def load_stage(out: str | Path, name: str, fingerprint: str, kind: type[StageRecord] = StageRecord
                ) -> StageRecord | None:
     """The completion record of a stage if it matches ``fingerprint`` and its files are intact

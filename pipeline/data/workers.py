@@ -23,6 +23,7 @@ from pipeline.config import CleanConfig, DedupConfig
 from pipeline.data.clean import REGISTRY, clean_text, normalize
 from pipeline.data.dedup import MinHasher, exact_key, shingle_hashes
 from pipeline.data.fast_tokenizer import Encoder, ids_array
+from pipeline.data.raw_blocks import RAW, columns_of, jsonl_blocks
 from pipeline.data.sources import Record, SourceFile, doc_ids, read_file
 
 _MAX_ROWS = 4096
@@ -49,6 +50,19 @@ def file_blocks(sf: SourceFile, text_field: str, text_unit: str, block_bytes: in
             buf, size = [], 0
     if buf:
         yield _columns(buf, sf)
+
+
+def local_blocks(sf: SourceFile, text_field: str, text_unit: str, block_bytes: int) -> Iterator[dict]:
+    """The local executor's blocks of one file: a jsonl file as raw lines (raw_blocks.py: the workers
+    parse them), any other format as columns (`file_blocks`)."""
+    if sf.format == "jsonl":
+        return jsonl_blocks(sf, text_field, block_bytes, lambda records: _columns(records, sf))
+    return file_blocks(sf, text_field, text_unit, block_bytes)
+
+
+def as_columns(block: dict) -> dict:
+    """A block as the columns the stage functions take (a raw jsonl block is parsed here, in the worker)."""
+    return columns_of(block) if RAW in block else block
 
 
 def read_batches(item: dict, block_bytes: int) -> Iterator[dict]:
@@ -163,19 +177,30 @@ def _encoder(tokenizer_ref, kind: str) -> Encoder:
 
 
 def encode_batch(batch: dict, clean: dict, removed_ref, filtered_ref, tokenizer_ref, kind: str, eod_id: int,
-                 dtype: str) -> dict:
+                 dtype: str, flat: bool = False) -> dict:
     """Every record with its fate: quarantined (reason, excerpt), duplicate, or kept with its token ids
-    (end-of-document appended); ids are empty for the records that are not kept. ``tokenizer_ref`` is
-    the tokenizer's JSON (or a Ray ref to it), or an Encoder built already (local executor)."""
+    (end-of-document appended). ``tokenizer_ref`` is the tokenizer's JSON (or a Ray ref to it), or an
+    Encoder built already (local executor).
+
+    The ids come as ``ids``, one array per record (empty for the records not kept), or, with ``flat``,
+    as ``tokens``, the kept records' ids end to end in one array, and ``length``, each record's share
+    of it (0 for the records not kept): two buffers to send back instead of one object per record."""
     reason, raw, dup, index, texts = _classify(batch, CleanConfig(**clean), _resolve(removed_ref),
                                                _resolve(filtered_ref))
     encoder = tokenizer_ref if isinstance(tokenizer_ref, Encoder) else _encoder(tokenizer_ref, kind)
-    encoded = encoder.encode(texts)
+    out = {"doc_id": np.asarray(batch["doc_id"]), "reason": np.array(reason, dtype=object),
+           "raw": np.array(raw, dtype=object), "duplicate": dup}
+    if flat:
+        tokens, lengths = encoder.encode_flat(texts, eod_id, np.dtype(dtype))
+        out["length"] = np.zeros(len(reason), dtype=np.int64)
+        out["length"][index] = lengths
+        out["tokens"] = tokens
+        return out
     ids = np.empty(len(reason), dtype=object)
     empty = np.zeros(0, dtype=np.dtype(dtype))
     for i in range(len(reason)):
         ids[i] = empty
-    for i, e in zip(index, encoded):
+    for i, e in zip(index, encoder.encode(texts)):
         ids[i] = ids_array(e, eod_id, np.dtype(dtype))
-    return {"doc_id": np.asarray(batch["doc_id"]), "reason": np.array(reason, dtype=object),
-            "raw": np.array(raw, dtype=object), "duplicate": dup, "ids": ids}
+    out["ids"] = ids
+    return out
