@@ -366,8 +366,34 @@ def cmd_demo(args) -> int:
     return run_demo(args.run_dir, args.overrides, Path(args.config))
 
 
+def unknown_command(parser: argparse.ArgumentParser, argv: list[str]) -> str | None:
+    """One line for a subcommand that does not exist (``pretrain trian``), with the nearest real
+    names; None when ``argv``'s command is real (or absent: argparse says what is missing)."""
+    import difflib
+
+    names = next(a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    args = iter(argv)
+    for arg in args:
+        if arg in ("--local_rank", "--local-rank"):  # its value is the next word
+            next(args, None)
+        elif not arg.startswith("-"):
+            if arg in names:
+                return None
+            close = difflib.get_close_matches(arg, list(names), n=2, cutoff=0.6)
+            hint = f"did you mean {' or '.join(f'`pretrain {c}`' for c in close)}?" if close else \
+                "`pretrain --help` lists the commands"
+            return f"pretrain: unknown command `{arg}`; {hint}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    unknown = unknown_command(parser, argv)
+    if unknown:
+        print(unknown, file=sys.stderr)
+        return 2  # argparse's code for a usage error
+    args = parser.parse_args(argv)
     try:
         return args.handler(args)
     except PipelineError as exc:  # one line, and the exit code the error class carries

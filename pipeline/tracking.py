@@ -20,6 +20,7 @@ import json
 import os
 import re
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -205,6 +206,29 @@ def log_export(cfg: PipelineConfig, checkpoint: str | Path, train_run_id: str | 
         return run.id
     finally:
         run.finish()
+
+
+class TrackerStart:
+    """A tracker built in a background thread, so that W&B's start (its import and its service
+    process, seconds) overlaps the engine's build. ``result()`` waits for it and raises whatever the
+    start raised, as building it in place would have; nothing is logged before ``result()`` returns."""
+
+    def __init__(self, build):
+        self._tracker, self._error = None, None
+        self._thread = threading.Thread(target=self._build, args=(build,), name="tracker-start", daemon=True)
+        self._thread.start()
+
+    def _build(self, build) -> None:
+        try:
+            self._tracker = build()
+        except BaseException as exc:  # handed to the caller of result()
+            self._error = exc
+
+    def result(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._tracker
 
 
 class NullTracker:

@@ -98,7 +98,8 @@ def _dedup(ctx: StageContext) -> DedupRecord:
     ctx.log(f"dedup: {len(duplicates):,} duplicates ({int(exact.sum()):,} exact, {int(near.sum()):,} near) "
             f"among {records:,} records ({time.time() - t0:.1f}s)")
     return save_stage(ctx.data.root, "dedup", ctx.fingerprints["dedup"], [DUPLICATES, FILTERED], kind=DedupRecord,
-                      seconds=time.time() - t0, exact=exact.tolist(), near=near.tolist())
+                      seconds=time.time() - t0, exact=exact.tolist(), near=near.tolist(),
+                      records=records if corpus.files == ctx.corpus.files else None)
 
 
 def _write_duplicates(store: LocalStorage, corpus: Corpus, duplicates: list[Duplicate]
@@ -127,12 +128,15 @@ def _dedup_stage(ctx: StageContext) -> DedupRecord:
         dedup = ctx.run("dedup", _dedup, files=(DUPLICATES, FILTERED), kind=DedupRecord)
         with ctx.store.open_read(FILTERED) as f:
             filtered = np.load(f)
+        ctx.records = dedup.records  # the progress totals of the later passes
     else:
         ctx.store.write_atomic(DUPLICATES, b"")
         n = len(ctx.corpus.names)
         dedup = DedupRecord(fingerprint="", seconds="off", exact=[0] * n, near=[0] * n)
         filtered = None  # no dedup pass: the later passes run the filters themselves
     ctx.share_verdicts(_removed_ids(ctx.store), filtered)
+    if ctx.records is not None:
+        ctx.kept = ctx.records - len(ctx.removed) - len(filtered)
     return dedup
 
 
@@ -144,16 +148,19 @@ def _training_texts(ctx: StageContext, stop: threading.Event) -> Iterator[str]:
     limit = ctx.cfg.tokenizer.train_sample_docs
     kept = ctx.executor.map(ctx.corpus, workers.kept_texts, clean=ctx.cfg.clean.model_dump(),
                             removed_ref=ctx.removed_ref, filtered_ref=ctx.filtered_ref)
-    progress = Progress("tokenizer", ctx.log)
+    known = [x for x in (limit, ctx.kept) if x is not None]
+    progress = Progress("tokenizer", ctx.log, total=min(known) if known else None)
     n = 0
     try:
-        for batch in kept:
-            for text in batch["text"]:
-                if limit is not None and n >= limit or stop.is_set():
-                    return
-                n += 1
-                progress.update(1)
-                yield str(text)
+        for text in (t for batch in kept for t in batch["text"]):
+            if stop.is_set():
+                return
+            if limit is not None and n >= limit:
+                break
+            n += 1
+            progress.update(1)
+            yield str(text)
+        progress.done()
     finally:
         getattr(kept, "close", lambda: None)()  # stops the workers when the sample is full
 
@@ -260,7 +267,7 @@ def _shards(ctx: StageContext) -> _Shards:
     # shards are memory-mapped by training, so they are local files written in place
     writers = {(split, i): RollingShardWriter(store.local_path(), split, names[i], dtype, cfg.shard_max_tokens)
                for split in SPLITS for i in range(len(names))}
-    out = _Shards(writers, _Counts(len(names)), Progress("shards", ctx.log), kind, why, tokenizer.get_vocab_size(),
+    out = _Shards(writers, _Counts(len(names)), Progress("shards", ctx.log, total=ctx.records), kind, why, tokenizer.get_vocab_size(),
                   specials, dtype)
     every = max(2, round(1 / cfg.validation_fraction))
     try:
@@ -271,6 +278,7 @@ def _shards(ctx: StageContext) -> _Shards:
         for w in writers.values():
             w.abort()  # the shards are debris now: no index is written for them
         raise
+    out.progress.done()
     for w in writers.values():
         w.close()
     out.seconds = out.progress.seconds

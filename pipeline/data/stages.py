@@ -33,6 +33,7 @@ from pipeline.data.sources import Corpus, SourceFile
 from pipeline.data.tokenizer import tokenizer_file
 from pipeline.errors import CorruptFile
 from pipeline.objstore import is_uri
+from pipeline.progress import ProgressLine, fraction_line
 from pipeline.records import Record
 from pipeline.rundir import DatasetDir
 from pipeline.storage import LocalStorage, StorageError
@@ -90,6 +91,7 @@ class DedupRecord(StageRecord):
 
     exact: list[int] = Field(default_factory=list)
     near: list[int] = Field(default_factory=list)
+    records: int | None = None  # records the pass read: the later passes' progress total (None: not known)
 
 
 class EncoderRecord(StageRecord):
@@ -176,6 +178,8 @@ class StageContext:
     removed: np.ndarray | None = None
     removed_ref: Any = None
     filtered_ref: Any = None
+    records: int | None = None  # records of ``corpus``, once a dedup pass over exactly it has counted them
+    kept: int | None = None  # of those, the ones neither a duplicate nor filtered out
 
     @property
     def cfg(self) -> DataConfig:
@@ -203,24 +207,32 @@ class StageContext:
 
 
 class Progress:
-    """Logs a stage's counters every ``every_s`` seconds while it streams."""
+    """A stage's progress line while it streams (pipeline/progress.py): refreshed in place on a
+    terminal, a plain line every ``every_s`` seconds otherwise; with % and ETA when ``total`` (the
+    documents the stage will see) is known. ``done()`` ends it (on a terminal: the final line)."""
 
-    def __init__(self, stage: str, log, every_s: float = 5.0):
-        self.stage, self.log, self.every_s = stage, log, every_s
-        self.t0 = self.last = time.time()
+    def __init__(self, stage: str, log, every_s: float = 5.0, total: int | None = None, line=None):
+        self.stage, self.log, self.total = stage, log, total
+        self.line = line or ProgressLine(log, every_s=every_s, tty=None if log is print else False)
+        self.t0 = time.time()
         self.documents = self.tokens = 0
+
+    def text(self) -> str:
+        seconds = time.time() - self.t0
+        msg = fraction_line(self.stage, self.documents, self.total, "documents", seconds)
+        if self.tokens:
+            msg += f", {self.tokens:,} tokens ({self.tokens / max(seconds, 1e-9):,.0f}/s)"
+        return msg
 
     def update(self, documents: int = 0, tokens: int = 0) -> None:
         self.documents += documents
         self.tokens += tokens
-        now = time.time()
-        if now - self.last >= self.every_s:
-            self.last = now
-            rate = self.documents / max(now - self.t0, 1e-9)
-            msg = f"{self.stage}: {self.documents:,} documents ({rate:,.0f}/s)"
-            if self.tokens:
-                msg += f", {self.tokens:,} tokens ({self.tokens / max(now - self.t0, 1e-9):,.0f}/s)"
-            self.log(msg)
+        self.line.show(self.text())
+
+    def done(self) -> None:
+        if self.total:
+            self.documents = max(self.documents, self.total)  # a sample cut short of the total is complete
+        self.line.done(self.text())
 
     @property
     def seconds(self) -> float:

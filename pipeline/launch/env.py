@@ -54,7 +54,6 @@ def cuda_available() -> bool:
 
 
 def cpu_or_cuda() -> str:
-    """The DeepSpeed accelerator for ranks we start: cuda when this machine has one."""
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """The DeepSpeed accelerator for ranks we start: cuda when this machine has one (asked of the
+    driver first, so that a parent on a machine without CUDA never imports torch)."""
+    return "cuda" if cuda_available() else "cpu"

@@ -214,8 +214,7 @@ def run_own_torchrun(cfg: PipelineConfig) -> int:
     """train.nproc_per_node ranks under a torchrun we start; they learn that we hold the lock and
     report to us (local._Supervisor)."""
 
-    def work(held) -> int:
-        _load("torch")
+    def work(held) -> int:  # no torch here: the ranks import it (local.run_torchrun asks the CUDA driver)
         os.environ[lock.HELD_ENV] = held.token if held is not None else "off"  # our ranks must not take it
         try:
             return local.run_torchrun(cfg)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import gc
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +30,10 @@ from pipeline.data.loader import BlendedSamples, open_split, rank_positions
 from pipeline.data.manifest import Manifest, manifest_sha256, verify_manifest
 from pipeline.models import initial_model
 from pipeline.models.flops import param_count, train_flops_per_token
+from pipeline.progress import ProgressLine
 from pipeline.rundir import DatasetDir, RunDir
-from pipeline.tracking import NullTracker, Tracker
+from pipeline.units import format_duration
+from pipeline.tracking import NullTracker, Tracker, TrackerStart
 from pipeline.train import checkpoint as ckpt
 from pipeline.train import console
 from pipeline.train import guards, metrics, resume
@@ -84,6 +87,24 @@ class Run:
     pending_skips: list[list[int]] = field(default_factory=list)  # rollbacks not yet in a checkpoint
     hold: object = None  # () -> int | None: retention's hold for a live eval job (launch/preamble.py)
     phases: console.Phases = field(default_factory=console.Phases)  # start-up times, said once
+    tracker_start: TrackerStart | None = None  # rank 0's tracker, built while the engine is
+    line: ProgressLine | None = None  # rank 0 on a terminal: the step line refreshed between log lines
+
+    def start_tracker(self, run_id: str | None) -> None:
+        """Rank 0 starts its tracker (W&B) in the background once the resumed run's id is known."""
+        if self.tracker is not None or self.tracker_start is not None:
+            return
+        run_dir = RunDir(self.cfg.run_dir)
+        run_dir.storage.makedirs()
+        if self.rank != 0:
+            self.tracker = NullTracker()
+            return
+        self.tracker_start = TrackerStart(lambda: Tracker(self.cfg, run_dir.metrics, "train", run_id=run_id))
+
+    def tracker_ready(self) -> Tracker | NullTracker:
+        if self.tracker is None:
+            self.tracker = self.tracker_start.result()
+        return self.tracker
 
 
 @dataclass
@@ -194,6 +215,7 @@ def _build(run: Run) -> tuple[object, st.TrainState, object, object]:
             raise ckpt.CheckpointError(f"rank {rank} sees another newest checkpoint than rank 0 "
                                        f"({verdict[1]}): is {cfg.run_dir} on storage all nodes share?")
     run.phases.mark("check checkpoints")
+    run.start_tracker(plan.saved.wandb_run_id if plan.saved else None)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = initial_model(resolve_model_config(cfg.model, run.manifest.tokenizer.vocab_size))
     run.phases.mark("build model")
@@ -256,12 +278,7 @@ class _Attempt:
         self.engine, self.state, self.resumed, saved = _build(run)
         self.schedule, self.schedule_changed = resumed(saved.lr_schedule if saved else None, cfg.optim,
                                                        t.max_steps, self.state.step)
-        if run.tracker is None:
-            run_dir = RunDir(cfg.run_dir)
-            run_dir.storage.makedirs()
-            run.tracker = (Tracker(cfg, run_dir.metrics, "train", run_id=self.state.wandb_run_id)
-                           if run.rank == 0 else NullTracker())
-        self.state.wandb_run_id = run.tracker.run_id
+        self.state.wandb_run_id = run.tracker_ready().run_id  # started in _build, with this run's id
         run.phases.mark("tracking")
         self.accum = cfg.gradient_accumulation_steps(run.world)
         self.end_step = min(t.max_steps, t.stop_at_step or t.max_steps)
@@ -397,6 +414,10 @@ class _Attempt:
             self.meter.end_step(v.loss)
         state.spike_history, state.skip_counts = self.detector.history, self.skips.counts
         state.consecutive_skips = self.skips.consecutive
+        if self.run.line is not None:
+            eta = self.meter.eta_s(self.end_step - state.step)
+            self.run.line.show(f"step {state.step}/{t.max_steps} ({100 * state.step / t.max_steps:.0f}%) | "
+                               f"ETA {format_duration(eta, 'compact')}")
         if state.step % t.log_interval_steps == 0 or state.step == self.end_step:
             _log_window(self.run, self.engine, state, self.meter, result.lr, result.grad_norm, self.skips,
                         self.end_step, self.flops_per_token, self.peak)
@@ -408,6 +429,18 @@ def _release(engine) -> None:
     destroy = getattr(engine, "destroy", None)
     if destroy is not None:
         destroy()
+
+
+def _close_tracker(run: Run) -> None:
+    """Close the tracker, also one still starting when the build failed (that failure is the one
+    reported; a W&B error of the same start is then a second, lesser one)."""
+    if run.tracker is None and run.tracker_start is not None:
+        try:
+            run.tracker_ready()
+        except Exception:  # noqa: BLE001 - the build's own error is already on its way up
+            return
+    if run.tracker is not None:
+        run.tracker.close()
 
 
 def train(cfg: PipelineConfig, log=print, hold=None) -> dict:
@@ -428,9 +461,10 @@ def train(cfg: PipelineConfig, log=print, hold=None) -> dict:
     masking = cfg.data.document_masking
     split = lambda name: BlendedSamples(open_split(data_dir, manifest, name, seq_len, arch=arch, seed=seed,
                                                    document_masking=masking), weights, seed)
-    run = Run(cfg, rank, world, log if rank == 0 else (lambda *a, **k: None), manifest, manifest_sha256(data_dir),
+    line = ProgressLine(log) if rank == 0 and log is print and sys.stdout.isatty() else None
+    run = Run(cfg, rank, world, line.say if line else log if rank == 0 else (lambda *a, **k: None), manifest, manifest_sha256(data_dir),
               split("train"), split("validation"), Preemption(cfg.checkpoint.preempt_grace_s),
-              guards.Faults.from_env(rank), hold=hold, phases=phases)
+              guards.Faults.from_env(rank), hold=hold, phases=phases, line=line)
     phases.mark("verify data")
     run.preemption.install()
     mark_ready(rank)
@@ -446,8 +480,7 @@ def train(cfg: PipelineConfig, log=print, hold=None) -> dict:
     finally:
         run.preemption.uninstall()
         third_party.uninstall()
-        if run.tracker is not None:
-            run.tracker.close()
+        _close_tracker(run)
     dist.barrier()
     s = outcome.state
     if not outcome.preempted:
