@@ -79,6 +79,9 @@ def test_srun_environment_starts_two_ranks_that_train_and_commit(trained_run, tm
     assert "world size 2" in outs[0]
 
 
+# slow: the default run covers Ray Train workers that train and commit across two nodes
+# (tests/e2e/test_ray_two_nodes.py) and on one (tests/e2e/test_submit_ray.py)
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("ray", path=str(BIN)) is None, reason="ray is not installed")
 def test_ray_backend_starts_two_torchtrainer_workers_that_train_and_commit(trained_run, tmp_path):
     """`pretrain train --backend ray --num-workers 2`: embedded Ray (RAY_ADDRESS unset), one

@@ -92,6 +92,8 @@ def _ray_worker_pids(driver: int) -> list[int]:
     return sorted(found)[-1:]
 
 
+# slow: the default run covers Ray Train recovery across two nodes (tests/e2e/test_ray_two_nodes.py)
+@pytest.mark.slow
 def test_ray_train_restarts_a_killed_worker_and_finishes_with_the_same_losses(trained_run, reference, tmp_path, capsys):
     run = tmp_path / "run"
     cmd = _train(trained_run, run, "launch.max_restarts=1") + ["--backend", "ray", "--num-workers", "2"]

@@ -160,6 +160,7 @@ def test_a_store_without_conditional_writes_is_refused_unless_the_lock_is_off(tr
     assert "runs/nolock/checkpoints/step_00000003/COMMIT" in s3.keys(s3.bucket, "runs/nolock/")
 
 
+@pytest.mark.slow  # the default run covers each of its steps on s3:// in the tests above
 def test_the_demo_runs_its_whole_flow_on_s3(s3, tmp_path):
     """`pretrain demo --run-dir s3://…`: corpus, prepared dataset (manifest last), checkpoints with
     COMMIT, metrics, eval record, report and W&B offline folders all reach the bucket."""
