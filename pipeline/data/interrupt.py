@@ -157,6 +157,16 @@ def committed() -> None:
         _state["late"] = False
         for s in SIGNALS:
             signal.signal(s, _after)
+        # once the interpreter finalizes, Python restores the default handlers (a signal then kills
+        # the process: -2 over a committed result); the exit is under way, so from the first exit
+        # handler on, a signal is ignored (registered last, this handler runs first)
+        atexit.register(_ignore_late_signals)
+
+
+def _ignore_late_signals() -> None:
+    for s in SIGNALS:
+        with contextlib.suppress(ValueError, OSError):
+            signal.signal(s, signal.SIG_IGN)
 
 
 @contextlib.contextmanager
