@@ -95,6 +95,9 @@ def ray_head():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+# slow: the default run submits prepare → train → eval as one Ray job with --wait on a two-node Ray
+# cluster (tests/e2e/test_ray_two_nodes.py)
+@pytest.mark.slow
 def test_submit_wait_runs_prepare_train_eval_as_one_ray_job(ray_head, corpus, tmp_path):
     sets = tiny_overrides(tmp_path, f"[{{path: '{corpus[0]}'}}]") + [
         "--set", "train.nproc_per_node=2",  # two Ray Train workers of one CPU each

@@ -178,6 +178,7 @@ def test_the_demo_runs_its_whole_flow_on_s3(s3, tmp_path):
     assert any(k.startswith("demo/wandb/") and k.endswith(".wandb") for k in keys)
 
 
+@pytest.mark.slow  # the default run covers elastic resume (tests/dist/test_elastic.py) and S3 resume above
 def test_a_two_rank_run_on_s3_resumes_elastically_on_one_rank_from_another_machine(trained_run, s3, tmp_path):
     """World size 2 → 1 through the universal checkpoint, with the run on the store and a cold cache."""
     data = upload_dataset(s3, trained_run["data_dir"], "datasets/elastic")
