@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers.netns import veth_pair
 
 from pipeline.train import checkpoint as ckpt
 
@@ -36,30 +37,10 @@ pytestmark = [
 ]
 
 
-def sh(*args: str) -> None:
-    subprocess.run(args, check=True, capture_output=True, text=True)
-
-
 @pytest.fixture
 def two_nodes():
-    """Two namespaces, named after this process so parallel sessions do not collide."""
-    tag = f"{os.getpid() % 100000}"
-    names = (f"pt77a{tag}", f"pt77b{tag}")
-    ends = (f"v77a{tag}", f"v77b{tag}")
-    try:
-        for ns in names:
-            sh("ip", "netns", "add", ns)
-        sh("ip", "link", "add", ends[0], "type", "veth", "peer", "name", ends[1])
-        for ns, end, addr in zip(names, ends, ADDRS):
-            sh("ip", "link", "set", end, "netns", ns)
-            sh("ip", "-n", ns, "link", "set", end, "name", IFACE)
-            sh("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", IFACE)
-            sh("ip", "-n", ns, "link", "set", IFACE, "up")
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
+    with veth_pair("77", IFACE, ADDRS) as names:
         yield names
-    finally:
-        for ns in names:
-            subprocess.run(["ip", "netns", "delete", ns], capture_output=True)  # takes its veth end along
 
 
 def in_ns(ns: str, *cmd: str) -> list[str]:

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers.netns import veth_pair
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -40,28 +41,10 @@ pytestmark = [
 ]
 
 
-def sh(*args: str) -> None:
-    subprocess.run(args, check=True, capture_output=True, text=True)
-
-
 @pytest.fixture
 def two_nodes():
-    tag = f"{os.getpid() % 100000}"
-    names, ends = (f"pt78a{tag}", f"pt78b{tag}"), (f"v78a{tag}", f"v78b{tag}")
-    try:
-        for ns in names:
-            sh("ip", "netns", "add", ns)
-        sh("ip", "link", "add", ends[0], "type", "veth", "peer", "name", ends[1])
-        for ns, end, addr in zip(names, ends, ADDRS):
-            sh("ip", "link", "set", end, "netns", ns)
-            sh("ip", "-n", ns, "link", "set", end, "name", IFACE)
-            sh("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", IFACE)
-            sh("ip", "-n", ns, "link", "set", IFACE, "up")
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
+    with veth_pair("78", IFACE, ADDRS) as names:
         yield names
-    finally:
-        for ns in names:
-            subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
 
 
 ENDPOINT = f"http://{ADDRS[0]}:{S3_PORT}"
