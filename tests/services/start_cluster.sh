@@ -140,10 +140,18 @@ for i in 0 1; do
         setsid nsenter --net="/run/netns/$node" -- unshare --uts --mount --propagation private -- /bin/sh -c '
             node=$1 base=$2; shift 2
             hostname "$node"
+            # the shared read-only paths are held aside first: a checkout under /tmp (a CI clone)
+            # would be hidden by the node's own /tmp otherwise
+            i=0; for p in "$@"; do
+                mkdir -p "$base/keep-$node/$i" && mount --bind "$p" "$base/keep-$node/$i"; i=$((i+1))
+            done
             mount -t tmpfs -o size=2g,mode=1777 "scratch-$node" /tmp
             mount --bind "$base/hosts" /etc/hosts
             mount --bind "$base/slurm.conf" /etc/slurm/slurm.conf
-            for p in "$@"; do mount --bind "$p" "$p" && mount -o remount,bind,ro "$p"; done
+            i=0; for p in "$@"; do
+                mkdir -p "$p" && mount --bind "$base/keep-$node/$i" "$p" && mount -o remount,bind,ro "$p"
+                i=$((i+1))
+            done
             echo $$ > "$base/$node.pid"
             exec sleep infinity' holder "$node" "$BASE" "${ro_paths[@]}" </dev/null >"$BASE/log/$node-holder.log" 2>&1 &
         for _ in $(seq 1 50); do alive "$(holder_pid "$node")" && break; sleep 0.1; done
