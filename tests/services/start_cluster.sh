@@ -141,7 +141,7 @@ for i in 0 1; do
             node=$1 base=$2; shift 2
             hostname "$node"
             # the shared read-only paths are held aside first: a checkout under /tmp (a CI clone)
-            # would be hidden by the node's own /tmp otherwise
+            # would be hidden by the private /tmp of the node otherwise
             i=0; for p in "$@"; do
                 mkdir -p "$base/keep-$node/$i" && mount --bind "$p" "$base/keep-$node/$i"; i=$((i+1))
             done
