@@ -304,7 +304,7 @@ class ObjectStorage:
             found = _call(self.uri, self.fs.find, base, detail=True, withdirs=False)
         except FileNotFoundError:
             return {}
-        root = self._full() + "/" if self._full() != self.bucket or self.prefix else self.bucket + "/"
+        root = self._full() + "/"
         out = {}
         for full, info in found.items():
             if info.get("type") == "directory" or not full.startswith(root):
